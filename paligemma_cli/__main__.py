@@ -1,0 +1,3 @@
+from paligemma_cli.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""One module per subcommand; each is registered through the `paligemma.commands` entry-point group."""

@@ -1,0 +1,1 @@
+"""The PaliGemma core: torch only, nothing from the CLI."""

@@ -1,0 +1,8 @@
+"""The one exception type the CLI turns into a one-line message and a non-zero exit."""
+
+
+class PaliGemmaError(Exception):
+    """A problem the user can fix: bad input, a missing checkpoint, an option out of range.
+
+    The message is one line that says what is wrong and what to do next.
+    """
