@@ -1,0 +1,69 @@
+"""A preallocated key/value cache for batched incremental decoding.
+
+As in gpt-fast: buffers of the final size are allocated once and written in place at the sequence
+slots being filled, so decoding never grows a tensor with `torch.cat`. Next to the keys and values the
+cache keeps, per slot, whether it holds a real token (padding does not) and whether that token belongs
+to the bidirectional prefix; the attention mask is derived from those.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class KVCache:
+    """Keys/values for every decoder layer plus the per-slot facts the mask needs.
+
+    k[i], v[i]: (B, n_kv_heads, max_len, head_dim) for layer i.
+    valid:      (B, max_len) bool, slot holds a real (non-padding) token.
+    prefix:     (B, max_len) bool, slot is in the image+prefix block (token_type 0).
+    next_pos:   (B,) long, the RoPE position the next token of each row gets.
+    length:     slots filled so far (same for every row: padding keeps rows aligned).
+    """
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    valid: torch.Tensor
+    prefix: torch.Tensor
+    next_pos: torch.Tensor
+    length: int = 0
+
+    @classmethod
+    def allocate(cls, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int,
+                 dtype: torch.dtype, device: torch.device | str) -> "KVCache":
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        return cls(
+            k=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)],
+            v=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)],
+            valid=torch.zeros(batch, max_len, dtype=torch.bool, device=device),
+            prefix=torch.zeros(batch, max_len, dtype=torch.bool, device=device),
+            next_pos=torch.ones(batch, dtype=torch.long, device=device),
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.valid.shape[1]
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (B, n_kv, T, hd) at slots [length, length+T); return the filled part of the cache."""
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def truncate(self, length: int) -> None:
+        """Forget every slot from `length` on, e.g. to ask a new question about the same image prefix."""
+        self.valid[:, length:] = False
+        self.prefix[:, length:] = False
+        self.length = length
+
+    def snapshot(self) -> tuple[int, torch.Tensor]:
+        return self.length, self.next_pos.clone()
+
+    def restore(self, snap: tuple[int, torch.Tensor]) -> None:
+        length, next_pos = snap
+        self.truncate(length)
+        self.next_pos.copy_(next_pos)
