@@ -108,9 +108,10 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: torch
                             f"'{key}' in {file.name} has shape {tuple(t.shape)}, the config says "
                             f"{tuple(expected[name].shape)}: config.json and weights do not match"
                         )
-                    if dtype is None and t.is_floating_point():
-                        dtype = t.dtype
-                    state[name] = t
+                    if t.is_floating_point():
+                        dtype = dtype or t.dtype
+                        t = t.to(dtype)  # one tensor at a time: never a float32 copy of the whole model
+                    state[name] = t.to(device)
         except SafetensorError as e:
             raise PaliGemmaError(f"cannot read '{file}': {e}") from None
     missing = sorted(set(expected) - set(state))
@@ -121,8 +122,6 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: torch
         if unexpected:
             parts.append(f"unexpected {_names(sorted(unexpected))}")
         raise PaliGemmaError(f"checkpoint '{folder}' does not match a PaliGemma model: " + "; ".join(parts))
-    dtype = dtype or torch.float32
-    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 
