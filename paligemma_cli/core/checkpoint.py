@@ -142,21 +142,62 @@ def save_model(model, folder: str | Path, tokenizer_dir: str | Path | None = Non
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        model.config.save(tmp)
-        state = {hub_key(k): v.detach().contiguous() for k, v in model.state_dict().items()}
-        write_safetensors(state, tmp, max_shard_bytes)
-        if tokenizer_dir is not None:
-            for name in TOKENIZER_FILES:
-                src = Path(tokenizer_dir, name)
-                if src.exists() and src.resolve() != (tmp / name).resolve():
-                    shutil.copy2(src, tmp / name)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+        _write_checkpoint_files(model.config, model.state_dict(), tmp, tokenizer_dir, extra_files, max_shard_bytes)
         replace_folder(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def save_state_dict_folder(config, state: dict[str, torch.Tensor], folder: str | Path,
+                           tokenizer_dir: str | Path | None = None, extra_files: dict[str, str] | None = None) -> Path:
+    """Update the model files inside an existing folder (a training run's), each file replaced atomically.
+
+    Other files in the folder (metrics, resume state) are left alone. The weights are moved in last.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".save.", dir=folder))
+    try:
+        _write_checkpoint_files(config, state, tmp, tokenizer_dir, extra_files, None)
+        names = sorted(p.name for p in tmp.iterdir())
+        for name in sorted(names, key=lambda n: n.endswith(".safetensors")):
+            os.replace(tmp / name, folder / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _write_checkpoint_files(config, state, folder: Path, tokenizer_dir, extra_files, max_shard_bytes) -> None:
+    config.save(folder)
+    write_safetensors({hub_key(k): v.detach().contiguous() for k, v in state.items()}, folder, max_shard_bytes)
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            src = Path(tokenizer_dir, name)
+            if src.exists() and src.resolve() != (folder / name).resolve():
+                shutil.copy2(src, folder / name)
+    for name, text in (extra_files or {}).items():
+        (folder / name).write_text(text)
+
+
+def load_vision_tower_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The SigLIP vision tower weights (no pooling head) of a PaliGemma or SigLIP checkpoint folder."""
+    folder = check_folder(path)
+    prefixes = ("vision_tower.vision_model.", "vision_tower.", "model.vision_tower.", "vision_model.")
+    state = {}
+    for file in weight_files(folder):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                for prefix in prefixes:
+                    if key.startswith(prefix):
+                        name = key[len(prefix):]
+                        if not name.startswith("head."):
+                            state[name] = f.get_tensor(key)
+                        break
+    if not state:
+        raise PaliGemmaError(f"'{folder}' holds no vision tower weights")
+    return state
 
 
 def write_safetensors(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int | None = None) -> None:

@@ -270,3 +270,18 @@ for _size in (224, 448, 896):
 
 def replace(cfg: PaliGemmaConfig, **changes) -> PaliGemmaConfig:
     return dataclasses.replace(cfg, **changes)
+
+
+def _demo_64() -> PaliGemmaConfig:
+    """The built-in demo model's shape: ~5M parameters, 64 px images in 8 px patches (64 image tokens).
+
+    The vocabulary is set from the tokenizer trained for it (`text__vocab_size`, `image_token_id`).
+    """
+    vision = VisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                          image_size=64, patch_size=8)
+    text = TextConfig(model_type="gemma", vocab_size=2048, hidden_size=256, intermediate_size=1024,
+                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1, head_dim=64)
+    return PaliGemmaConfig(vision=vision, text=text, image_token_id=2047)
+
+
+PRESETS["demo-64"] = _demo_64
