@@ -1,0 +1,242 @@
+"""The "shapes world": synthetic scenes for training and evaluating the built-in demo model.
+
+A scene is 1-3 non-overlapping flat shapes on a white background. Every shape in a scene has its own
+type (circle, square, triangle) and its own colour, so "the circle" and "the red one" always name
+exactly one object and every question has exactly one right answer. Scenes are small enough for a
+~5M-parameter PaliGemma with 64 px images and 8 px patches to learn.
+
+Each scene yields examples in PaliGemma's task prompts (architecture spec, "Tasks and structured outputs"):
+
+    caption en                              -> "a red circle and a blue square"   (left to right)
+    answer en what color is the circle?     -> "red"
+    answer en how many shapes are there?    -> "2"
+    answer en is the circle left of the square?  -> "yes" / "no"
+    detect circle                           -> "<loc0123><loc0456><loc0789><loc0999> circle"
+
+Everything is a pure function of (seed, index): example i of a dataset does not depend on how many
+examples are written, so `--n 100` is a prefix of `--n 1000` with the same seed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle")
+
+# Saturated colours far apart in RGB, so no two can be confused even after a bicubic resize.
+COLORS = {
+    "red": (220, 30, 30),
+    "orange": (255, 140, 0),
+    "yellow": (240, 220, 0),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "purple": (140, 50, 200),
+}
+BACKGROUND = (255, 255, 255)
+
+MIN_SHAPES, MAX_SHAPES = 1, len(SHAPES)  # distinct types per scene caps the count at len(SHAPES)
+
+# Shape side as a fraction of the image: 14..27 px at 64 px, i.e. about 2-3 patches of 8 px.
+MIN_SIDE, MAX_SIDE = 0.22, 0.42
+GAP = 2  # empty pixels kept between any two shapes' boxes, so blobs never touch
+
+# Fixed task mix, as a repeating block of 10 so the proportions are exact in every 10 examples:
+# detect 30%, caption 20%, color 20%, spatial 20%, count 10%.
+TASK_CYCLE = ("detect", "caption", "color", "spatial", "detect", "count", "color", "caption", "spatial", "detect")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One drawn shape. `box` is the tight pixel box (x0, y0, x1, y1), x1/y1 exclusive."""
+
+    kind: str
+    color: str
+    box: tuple[int, int, int, int]
+
+    @property
+    def center_x(self) -> float:
+        return (self.box[0] + self.box[2]) / 2
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A square image of side `size` holding `shapes`, sorted left to right by box centre."""
+
+    size: int
+    shapes: tuple[Shape, ...]
+
+    def find(self, kind: str) -> Shape:
+        return next(s for s in self.shapes if s.kind == kind)
+
+
+# ---------------------------------------------------------------------------------------------
+# Drawing and layout
+
+
+def _draw(draw: ImageDraw.ImageDraw, kind: str, x: int, y: int, side: int, fill) -> None:
+    """Draw one shape filling the square [x, x+side) x [y, y+side).
+
+    Each kind touches all four sides of that square (tests check it for every side up to 255 px),
+    so the square is also the shape's tight bounding box and the detect answer is exact.
+    """
+    x1, y1 = x + side - 1, y + side - 1  # Pillow's boxes are inclusive
+    if kind == "circle":
+        draw.ellipse((x, y, x1, y1), fill=fill)
+    elif kind == "square":
+        draw.rectangle((x, y, x1, y1), fill=fill)
+    elif kind == "triangle":  # isosceles, pointing up: the box centre is always inside it
+        draw.polygon([(x, y1), (x1, y1), ((x + x1) / 2, y)], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {kind!r}")
+
+
+def _apart(a: tuple, b: tuple) -> bool:
+    """Boxes separated by at least GAP empty pixels horizontally or vertically."""
+    return a[2] + GAP <= b[0] or b[2] + GAP <= a[0] or a[3] + GAP <= b[1] or b[3] + GAP <= a[1]
+
+
+def _clearly_left(a: Shape, b: Shape) -> bool:
+    """`a` is unambiguously left of `b`: each centre lies outside the other's horizontal extent."""
+    return a.center_x < b.box[0] and b.center_x > a.box[2]
+
+
+def random_scene(rng: random.Random, size: int = 64, min_shapes: int = MIN_SHAPES) -> Scene:
+    """Sample a scene; layouts that break the rules are redrawn, so any rng state gives a valid one.
+
+    Rules: shapes never touch, and of any two shapes one is clearly left of the other — the caption
+    order and the spatial answers depend on that and must not be a matter of a pixel.
+    """
+    count = rng.randint(min_shapes, MAX_SHAPES)  # fixed before retries, so crowded scenes aren't rarer
+    while True:
+        kinds = rng.sample(SHAPES, count)
+        colors = rng.sample(sorted(COLORS), count)
+        shapes: list[Shape] = []
+        for kind, color in zip(kinds, colors):
+            for _ in range(50):
+                side = rng.randint(round(MIN_SIDE * size), round(MAX_SIDE * size))
+                x, y = rng.randint(0, size - side), rng.randint(0, size - side)
+                shape = Shape(kind, color, (x, y, x + side, y + side))
+                if all(_apart(shape.box, o.box) for o in shapes) and all(
+                    _clearly_left(*sorted((shape, o), key=lambda s: s.center_x)) for o in shapes
+                ):
+                    shapes.append(shape)
+                    break
+            else:
+                break  # no room left for this shape: start the scene over
+        if len(shapes) == count:
+            return Scene(size, tuple(sorted(shapes, key=lambda s: s.center_x)))
+
+
+def make_scene(seed: int, index: int = 0, size: int = 64, min_shapes: int = MIN_SHAPES) -> Scene:
+    """Scene number `index` of the stream for `seed`, independent of every other index."""
+    # A string seed goes through SHA-512 in `random`, so it is stable across runs and Python builds.
+    return random_scene(random.Random(f"shapes:{seed}:{index}"), size, min_shapes)
+
+
+def render(scene: Scene) -> Image.Image:
+    """The scene as an RGB image of side `scene.size`, without anti-aliasing: every pixel is either
+    the background or exactly one shape's colour."""
+    image = Image.new("RGB", (scene.size, scene.size), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for s in scene.shapes:
+        x0, y0, x1, _ = s.box
+        _draw(draw, s.kind, x0, y0, x1 - x0, COLORS[s.color])
+    return image
+
+
+# ---------------------------------------------------------------------------------------------
+# Text: loc tokens, captions and examples
+
+
+def box_to_loc(box: tuple[int, int, int, int], size: int) -> str:
+    """`<locY0><locX0><locY1><locX1>` for a pixel box (x0, y0, x1, y1): bins round(v / size * 1023)."""
+    x0, y0, x1, y1 = box
+    return "".join(f"<loc{round(v / size * 1023):04d}>" for v in (y0, x0, y1, x1))
+
+
+_LOC = re.compile(r"<loc(\d{4})><loc(\d{4})><loc(\d{4})><loc(\d{4})>\s*([^;]*)")
+
+
+def loc_to_boxes(text: str, size: int) -> list[tuple[tuple[float, float, float, float], str]]:
+    """Parse a detect answer into [((x0, y0, x1, y1) in pixels, label)], decoding bin / 1023 * size."""
+    out = []
+    for m in _LOC.finditer(text):
+        y0, x0, y1, x1 = (int(g) / 1023 * size for g in m.groups()[:4])
+        out.append(((x0, y0, x1, y1), m.group(5).strip()))
+    return out
+
+
+def _a(color: str, kind: str) -> str:
+    return f"{'an' if color[0] in 'aeiou' else 'a'} {color} {kind}"
+
+
+def caption(scene: Scene) -> str:
+    """Canonical caption, shapes left to right: "a red circle, a blue square and an orange triangle"."""
+    parts = [_a(s.color, s.kind) for s in scene.shapes]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def scene_examples(scene: Scene) -> list[dict]:
+    """Every example the scene supports, in a fixed order: [{"prefix", "suffix", "task"}, ...]."""
+    ex = [{"prefix": "caption en", "suffix": caption(scene), "task": "caption"}]
+    for s in scene.shapes:
+        ex.append({"prefix": f"answer en what color is the {s.kind}?", "suffix": s.color, "task": "color"})
+    ex.append({"prefix": "answer en how many shapes are there?", "suffix": str(len(scene.shapes)), "task": "count"})
+    for a in scene.shapes:
+        for b in scene.shapes:
+            if a is not b:
+                answer = "yes" if a.center_x < b.center_x else "no"
+                ex.append({"prefix": f"answer en is the {a.kind} left of the {b.kind}?", "suffix": answer, "task": "spatial"})
+    for s in scene.shapes:
+        ex.append({"prefix": f"detect {s.kind}", "suffix": f"{box_to_loc(s.box, scene.size)} {s.kind}", "task": "detect"})
+    return ex
+
+
+def task_for(index: int) -> str:
+    return TASK_CYCLE[index % len(TASK_CYCLE)]
+
+
+def make_example(seed: int, index: int, size: int = 64) -> tuple[Scene, dict]:
+    """Example number `index` of the dataset for `seed`: its own scene and one question about it."""
+    task = task_for(index)
+    # A spatial question needs two shapes; asking for them here keeps the task mix exact.
+    scene = make_scene(seed, index, size, min_shapes=2 if task == "spatial" else MIN_SHAPES)
+    choices = [e for e in scene_examples(scene) if e["task"] == task]
+    return scene, random.Random(f"pick:{seed}:{index}").choice(choices)
+
+
+def write_dataset(
+    out_dir: str | Path,
+    n: int,
+    seed: int,
+    image_size: int = 64,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Write `n` examples, one scene image each, to `out_dir`; return the path of `data.jsonl`.
+
+    Layout: `images/000000.png`, ... and `data.jsonl` with one line per example:
+    `{"image": "images/000000.png", "prefix": ..., "suffix": ..., "task": ...}` (image path relative
+    to the jsonl). Tasks follow TASK_CYCLE. Written one example at a time, never all in memory;
+    `progress(done, n)` is called after each. Same arguments -> byte-identical data.jsonl and PNGs.
+    """
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    final = out_dir / "data.jsonl"
+    partial = out_dir / "data.jsonl.partial"  # renamed at the end: a data.jsonl is always complete
+    with partial.open("w", encoding="utf-8", newline="\n") as f:
+        for i in range(n):
+            scene, example = make_example(seed, i, image_size)
+            name = f"images/{i:06d}.png"
+            render(scene).save(out_dir / name, format="PNG")
+            f.write(json.dumps({"image": name, **example}, ensure_ascii=False) + "\n")
+            if progress is not None:
+                progress(i + 1, n)
+    partial.replace(final)
+    return final
