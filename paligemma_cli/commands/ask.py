@@ -1,0 +1,63 @@
+"""`paligemma ask IMAGE QUESTION`: one question about one image, the answer streamed to stdout."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+
+from paligemma_cli.options import (DeviceOpt, DtypeOpt, JsonOpt, LangOpt, MaxTokensOpt, ModelOpt, SeedOpt,
+                                   TemperatureOpt, TopKOpt, TopPOpt)
+
+
+def ask(
+    image: Annotated[str, typer.Argument(help="Image file (any format Pillow reads), or - for stdin.")],
+    question: Annotated[Optional[str], typer.Argument(help="The question, e.g. \"what is on the table?\".")] = None,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Send a raw PaliGemma prefix instead, e.g. \"caption en\", \"ocr\", \"detect cat\".")] = None,
+    lang: LangOpt = "en",
+    model: ModelOpt = None,
+    max_tokens: MaxTokensOpt = 64,
+    temperature: TemperatureOpt = 0.0,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    json_out: JsonOpt = False,
+) -> None:
+    """Ask a question about an image; the answer streams to stdout.
+
+    Examples:
+
+      paligemma ask examples/shapes.png "what color is the circle?"
+
+      paligemma ask photo.jpg --prompt "caption en"
+
+      paligemma ask photo.jpg "wie viele Katzen?" --lang de --json
+    """
+    from paligemma_cli.core.errors import PaliGemmaError
+    from paligemma_cli.core.image import load_image
+    from paligemma_cli.runtime import load_pipeline, sampling_options, stderr_console, write_stdout
+
+    if prompt is None:
+        if not question:
+            raise PaliGemmaError("give a QUESTION, or a raw prefix with --prompt")
+        prompt = f"answer {lang} {question}"
+    elif question:
+        raise PaliGemmaError("give either a QUESTION or --prompt, not both")
+    opts = sampling_options(max_tokens, temperature, top_k, top_p, seed)
+    picture = load_image(image)  # fail on a bad image before paying for the model
+    console = stderr_console()
+    pipe = load_pipeline(model, device, dtype, console)
+    if json_out:
+        answer = "".join(pipe.stream(picture, prompt, opts))
+        print(json.dumps({"answer": answer, "prompt": prompt, "image": image, "model": str(pipe.folder),
+                          "timings": {"load_s": round(pipe.load_s, 4), **pipe.last.as_dict()}}))
+        return
+    for piece in pipe.stream(picture, prompt, opts):
+        write_stdout(piece)
+    write_stdout("\n")
+    s = pipe.last
+    console.print(f"[dim]{s.new_tokens} tokens · first token {s.ttft_s:.2f}s · {s.tokens_per_s:.1f} tok/s · "
+                  f"load {pipe.load_s:.2f}s[/]")

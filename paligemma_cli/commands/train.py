@@ -1,0 +1,127 @@
+"""`paligemma train`: fine-tune a checkpoint, or train a small model from scratch, on a JSONL dataset."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from paligemma_cli.options import DeviceOpt, JsonOpt
+
+
+def train(
+    data: Annotated[Optional[Path], typer.Argument(help="Training JSONL: {\"image\", \"prefix\", \"suffix\"} per line.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder: the model checkpoint, metrics.jsonl, resume state.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file with any of these settings; flags override it.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoint folder to fine-tune.")] = None,
+    model_config: Annotated[Optional[str], typer.Option("--model-config", help="Named config to train from scratch, e.g. demo-64.")] = None,
+    val_data: Annotated[Optional[Path], typer.Option("--val-data", help="Validation JSONL for periodic eval loss.")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Optimizer steps.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1)] = None,
+    grad_accum: Annotated[Optional[int], typer.Option("--grad-accum", min=1, help="Micro-batches per step.")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default 1e-4 LoRA, 2e-5 full, 1e-3 from scratch).")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay")] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option("--warmup-steps")] = None,
+    schedule: Annotated[Optional[str], typer.Option("--schedule", help="cosine or constant.")] = None,
+    clip: Annotated[Optional[float], typer.Option("--clip", help="Gradient-norm clip (0 disables).")] = None,
+    trainable: Annotated[Optional[str], typer.Option("--trainable", help="all, decoder, attention or lora (default lora for a checkpoint, all from scratch).")] = None,
+    lora_r: Annotated[Optional[int], typer.Option("--lora-r")] = None,
+    lora_alpha: Annotated[Optional[float], typer.Option("--lora-alpha")] = None,
+    lora_save: Annotated[Optional[str], typer.Option("--lora-save", help="merged (a full model folder) or adapter.")] = None,
+    precision: Annotated[Optional[str], typer.Option("--precision", help="auto (bf16 autocast on GPUs that have it), bf16 or fp32.")] = None,
+    gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
+    eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Steps between validation losses (0: never).")] = None,
+    save_every: Annotated[Optional[int], typer.Option("--save-every", help="Steps between checkpoints.")] = None,
+    init_vision: Annotated[Optional[str], typer.Option("--init-vision", help="Start the vision tower from this checkpoint (e.g. a SigLIP trained with --objective siglip).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out where it stopped.")] = False,
+    device: DeviceOpt = "auto",
+    json_out: JsonOpt = False,
+) -> None:
+    """Fine-tune PaliGemma on your data, or train a small one from scratch.
+
+    Examples:
+
+      paligemma train data/train.jsonl --model ./paligemma2-3b-pt-224 --out runs/mine
+
+      paligemma train --config configs/demo.yaml --out runs/demo
+
+      paligemma train --config configs/demo.yaml --out runs/demo --resume
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from paligemma_cli.core.device import pick_device
+    from paligemma_cli.core.errors import PaliGemmaError
+    from paligemma_cli.core.training import TrainConfig, Trainer
+
+    settings: dict = {}
+    if config is not None:
+        settings = _read_yaml(config)
+    flags = dict(data=data, out=out, model=model, model_config=model_config, val_data=val_data, steps=steps,
+                 batch_size=batch_size, grad_accum=grad_accum, lr=lr, weight_decay=weight_decay,
+                 warmup_steps=warmup_steps, schedule=schedule, clip=clip, trainable=trainable, lora_r=lora_r,
+                 lora_alpha=lora_alpha, lora_save=lora_save, precision=precision,
+                 gradient_checkpointing=gradient_checkpointing, seed=seed, eval_every=eval_every,
+                 save_every=save_every, init_vision=init_vision)
+    for key, value in flags.items():
+        if value is not None:
+            settings[key] = str(value) if isinstance(value, Path) else value
+    if resume and not settings.get("data") and settings.get("out"):
+        # `--resume` alone continues with the settings the run saved.
+        saved = Path(settings["out"], "train_config.yaml")
+        if saved.exists():
+            settings = {**_read_yaml(saved), **settings}
+    if not settings.get("data"):
+        raise PaliGemmaError("no training data: give a JSONL file (or `data:` in --config)")
+    if not settings.get("out"):
+        raise PaliGemmaError("no run folder: pass --out (or `out:` in --config)")
+    cfg = TrainConfig.from_dict(settings)
+    console = Console(stderr=True)
+    trainer = Trainer(cfg, device=pick_device(device), resume=resume)
+    total = trainer.cfg.steps
+    progress = Progress(
+        TextColumn("[bold]train[/]"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console, transient=False,
+    )
+    with progress:
+        task = progress.add_task("train", total=total, completed=trainer.state.step, info="")
+
+        def on_log(m: dict) -> None:
+            info = f"loss {m['loss']:.4f}  lr {m['lr']:.2e}  {m['examples_per_s']:.1f} ex/s"
+            if "val_loss" in m:
+                info += f"  val {m['val_loss']:.4f}"
+            progress.update(task, completed=m["step"], info=info)
+
+        trainer.on_log = on_log
+        try:
+            summary = trainer.run()
+        except KeyboardInterrupt:
+            console.print(f"interrupted: saved step {trainer.state.step} to {cfg.out}; continue with --resume")
+            raise typer.Exit(130)
+    if json_out:
+        print(json.dumps(summary))
+    else:
+        skipped = summary["skipped_images"] + summary["missing_images"]
+        console.print(f"trained {summary['steps']} steps, final loss {summary.get('loss', float('nan')):.4f}"
+                      + (f", {skipped} unreadable image(s) skipped" if skipped else ""))
+        print(summary["out"])
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    from paligemma_cli.core.errors import PaliGemmaError
+
+    try:
+        settings = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise PaliGemmaError(f"config file '{path}' does not exist") from None
+    except yaml.YAMLError as e:
+        raise PaliGemmaError(f"'{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(settings, dict):
+        raise PaliGemmaError(f"'{path}' must hold a mapping of settings")
+    return {k.replace("-", "_"): v for k, v in settings.items()}

@@ -1,0 +1,40 @@
+"""What the inference commands share: loading the pipeline with feedback on stderr, and stderr output.
+
+Model text goes to stdout, everything else to stderr (as `llm` does), so `paligemma ask … > out.txt`
+captures only the answer.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def load_pipeline(model: str | None, device: str, dtype: str, console=None):
+    from paligemma_cli.core.model_source import resolve_model
+    from paligemma_cli.core.pipeline import Pipeline
+
+    folder = resolve_model(model)
+    console = console or stderr_console()
+    if console.is_terminal:
+        with console.status(f"loading {folder}"):
+            return Pipeline.load(folder, device, dtype)
+    return Pipeline.load(folder, device, dtype)
+
+
+def sampling_options(max_tokens: int, temperature: float = 0.0, top_k=None, top_p=None, seed=None):
+    from paligemma_cli.core.generate import SamplingOptions
+
+    return SamplingOptions(max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                           seed=seed).validate()
+
+
+def write_stdout(text: str) -> None:
+    """Raw model text to stdout, flushed at once (never through Rich markup: a model may print `[red]`)."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
