@@ -1,0 +1,119 @@
+"""`paligemma eval DATA.jsonl`: answer every example of a dataset and report scores per task.
+
+Only typer and the standard library are imported at the top, so `paligemma --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from paligemma_cli.options import DeviceOpt, DtypeOpt, JsonOpt, MaxTokensOpt, ModelOpt
+
+# Column headings for the metric keys of core.evaluation.METRICS.
+_HEADINGS = {"exact_match": "exact", "vqa_accuracy": "VQA acc", "bleu4": "BLEU-4", "cider": "CIDEr",
+             "accuracy": "det acc", "precision": "P@.5", "recall": "R@.5", "mean_iou": "mIoU"}
+
+
+def eval_command(
+    data: Annotated[Path, typer.Argument(metavar="DATA.jsonl", help="Dataset: one {image, prefix, suffix[, task]} per line.", show_default=False)],
+    model: ModelOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Examples per forward pass.")] = 16,
+    limit: Annotated[Optional[int], typer.Option("--limit", "-n", min=1, help="Evaluate only the first N examples (after --task).")] = None,
+    tasks: Annotated[Optional[list[str]], typer.Option("--task", "-t", help="Only this task (repeat for several), e.g. color.")] = None,
+    predictions: Annotated[Optional[Path], typer.Option("--predictions", help="Write every example's prediction and score to this JSONL file as they are made.")] = None,
+    json_out: JsonOpt = False,
+    max_tokens: MaxTokensOpt = 64,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Score a model on a dataset, per task: exact match and VQA accuracy for `answer` prompts,
+    BLEU-4 and CIDEr-D for captions, precision/recall at IoU 0.5 for `detect`. Scores are percentages.
+
+    Examples:
+
+      paligemma eval data/shapes-test/data.jsonl --limit 500
+
+      paligemma eval data/shapes-test/data.jsonl --task color --task count --json
+
+      paligemma eval val.jsonl --model runs/shapes/final --predictions preds.jsonl
+    """
+    from paligemma_cli.core.dataset import read_jsonl
+    from paligemma_cli.core.errors import PaliGemmaError
+    from paligemma_cli.core.evaluation import evaluate, select_examples
+    from paligemma_cli.runtime import load_pipeline, sampling_options, stderr_console
+
+    console = stderr_console()
+    examples = select_examples(read_jsonl(data), tasks or (), limit)
+    if not examples:
+        raise PaliGemmaError(f"{data}: no examples to evaluate")
+    opts = sampling_options(max_tokens)  # greedy: scores should not depend on a seed
+    pipe = load_pipeline(model, device, dtype, console)
+
+    try:
+        out = open(predictions, "w", encoding="utf-8") if predictions else None
+    except OSError as e:
+        raise PaliGemmaError(f"cannot write '{predictions}': {e.strerror or e}") from None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console)
+    try:
+        with progress:
+            bar = progress.add_task("eval", total=len(examples))
+
+            def on_progress(batch):
+                for item in batch:
+                    if item.error is not None:
+                        progress.console.print(f"skipped: {item.error}", markup=False)
+                    if out is not None:
+                        out.write(json.dumps(item.as_record(), ensure_ascii=False) + "\n")
+                if out is not None:
+                    out.flush()  # an interrupted run keeps what it has scored
+                progress.advance(bar, len(batch))
+
+            report = evaluate(pipe, examples, opts, batch_size, on_progress)
+    finally:
+        if out is not None:
+            out.close()
+
+    skipped = len(report.skipped)
+    if report.n == 0:
+        raise PaliGemmaError(f"{data}: no usable example; all {skipped} image(s) were unreadable")
+    console.print(f"evaluated {report.n} example(s) in {report.seconds:.1f}s"
+                  + (f"; {skipped} skipped (unreadable image)" if skipped else ""), markup=False)
+    if predictions:
+        console.print(f"wrote {predictions}", markup=False)
+
+    if json_out:
+        print(json.dumps({
+            "model": str(pipe.folder), "data": str(data), "n": report.n,
+            "tasks": {name: {**{k: round(v, 2) for k, v in t.metrics.items()}, "n": t.n}
+                      for name, t in report.tasks.items()},
+            "skipped": skipped,
+        }))
+        return
+    print_table(report)
+
+
+def print_table(report) -> None:
+    """One row per task, one column per metric any task has (others blank), on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from paligemma_cli.core.evaluation import METRICS
+
+    columns = [m for m in METRICS if any(m in t.metrics for t in report.tasks.values())]
+    table = Table(show_edge=False)
+    table.add_column("task")
+    table.add_column("n", justify="right")
+    for m in columns:
+        table.add_column(_HEADINGS[m], justify="right")
+    for name, t in report.tasks.items():
+        # Text(): task names come from the dataset and must not be read as Rich markup.
+        table.add_row(Text(name), str(t.n), *(f"{t.metrics[m]:.2f}" if m in t.metrics else "" for m in columns))
+    Console(file=sys.stdout, highlight=False).print(table)
