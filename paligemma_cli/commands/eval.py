@@ -109,11 +109,15 @@ def print_table(report) -> None:
 
     columns = [m for m in METRICS if any(m in t.metrics for t in report.tasks.values())]
     table = Table(show_edge=False)
-    table.add_column("task")
+    table.add_column("task", no_wrap=True)
     table.add_column("n", justify="right")
     for m in columns:
         table.add_column(_HEADINGS[m], justify="right")
     for name, t in report.tasks.items():
         # Text(): task names come from the dataset and must not be read as Rich markup.
         table.add_row(Text(name), str(t.n), *(f"{t.metrics[m]:.2f}" if m in t.metrics else "" for m in columns))
-    Console(file=sys.stdout, highlight=False).print(table)
+    # Piped output has no terminal width; 120 columns keep every metric readable.
+    console = Console(file=sys.stdout, highlight=False)
+    if not console.is_terminal:
+        console.width = 120
+    console.print(table)
