@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -36,6 +36,7 @@ def train(
     seed: Annotated[Optional[int], typer.Option("--seed")] = None,
     eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Steps between validation losses (0: never).")] = None,
     save_every: Annotated[Optional[int], typer.Option("--save-every", help="Steps between checkpoints.")] = None,
+    log_every: Annotated[Optional[int], typer.Option("--log-every", help="Steps between lines in metrics.jsonl (and on a non-terminal stderr).")] = None,
     init_vision: Annotated[Optional[str], typer.Option("--init-vision", help="Start the vision tower from this checkpoint (e.g. a SigLIP trained with --objective siglip).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out where it stopped.")] = False,
     device: DeviceOpt = "auto",
@@ -61,12 +62,16 @@ def train(
     settings: dict = {}
     if config is not None:
         settings = _read_yaml(config)
+        unknown = sorted(set(settings) - TrainConfig.field_names())
+        if unknown:
+            raise PaliGemmaError(f"'{config}': unknown setting(s) {', '.join(unknown)}; "
+                                 f"see `paligemma train --help` for the settings")
     flags = dict(data=data, out=out, model=model, model_config=model_config, val_data=val_data, steps=steps,
                  batch_size=batch_size, grad_accum=grad_accum, lr=lr, weight_decay=weight_decay,
                  warmup_steps=warmup_steps, schedule=schedule, clip=clip, trainable=trainable, lora_r=lora_r,
                  lora_alpha=lora_alpha, lora_save=lora_save, precision=precision,
                  gradient_checkpointing=gradient_checkpointing, seed=seed, eval_every=eval_every,
-                 save_every=save_every, init_vision=init_vision)
+                 save_every=save_every, log_every=log_every, init_vision=init_vision)
     for key, value in flags.items():
         if value is not None:
             settings[key] = str(value) if isinstance(value, Path) else value
@@ -87,14 +92,20 @@ def train(
         TextColumn("[bold]train[/]"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
         TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console, transient=False,
     )
-    with progress:
-        task = progress.add_task("train", total=total, completed=trainer.state.step, info="")
+    # Rich draws a live bar only on a terminal; in a log file it would show nothing until the end,
+    # so there a plain line every log_every steps (and at each eval) tells how the run goes.
+    live = console.is_terminal
+    with progress if live else contextlib.nullcontext():
+        task = progress.add_task("train", total=total, completed=trainer.state.step, info="") if live else None
 
         def on_log(m: dict) -> None:
             info = f"loss {m['loss']:.4f}  lr {m['lr']:.2e}  {m['examples_per_s']:.1f} ex/s"
             if "val_loss" in m:
                 info += f"  val {m['val_loss']:.4f}"
-            progress.update(task, completed=m["step"], info=info)
+            if live:
+                progress.update(task, completed=m["step"], info=info)
+            elif m["step"] % trainer.cfg.log_every == 0 or m["step"] == total or "val_loss" in m:
+                console.print(f"step {m['step']}/{total}  {info}", highlight=False, soft_wrap=True)
 
         trainer.on_log = on_log
         try:

@@ -285,3 +285,18 @@ def _demo_64() -> PaliGemmaConfig:
 
 
 PRESETS["demo-64"] = _demo_64
+
+
+def _tiny_32() -> PaliGemmaConfig:
+    """A ~0.1M-parameter PaliGemma for training tests: 32 px images in 8 px patches (16 image tokens).
+
+    Like demo-64, the vocabulary is set from the tokenizer trained for it.
+    """
+    vision = VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                          image_size=32, patch_size=8)
+    text = TextConfig(model_type="gemma", vocab_size=2048, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    return PaliGemmaConfig(vision=vision, text=text, image_token_id=2047)
+
+
+PRESETS["tiny-32"] = _tiny_32

@@ -11,12 +11,16 @@ and `metrics.jsonl`. Each file is replaced atomically.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import random
+import sys
 import time
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -27,6 +31,10 @@ import torch.nn.functional as F
 from paligemma_cli.core.errors import PaliGemmaError
 
 TRAINABLE = ("all", "decoder", "attention", "lora")
+
+# Settings that decide what is trained and in which order: a resumed run must keep them, or it would
+# silently train something other than the run it continues.
+RESUME_FIXED = ("model_config", "batch_size", "grad_accum", "seed", "trainable", "lora_r", "lora_alpha")
 
 
 @dataclass
@@ -78,23 +86,58 @@ class TrainConfig:
             raise PaliGemmaError(f"--schedule must be cosine or constant, got {cfg.schedule!r}")
         if cfg.precision not in ("auto", "bf16", "fp32"):
             raise PaliGemmaError(f"--precision must be auto, bf16 or fp32, got {cfg.precision!r}")
+        if cfg.lora_save not in ("merged", "adapter"):
+            raise PaliGemmaError(f"--lora-save must be merged or adapter, got {cfg.lora_save!r}")
+        if cfg.lora_save == "adapter" and cfg.trainable == "lora" and not cfg.model:
+            raise PaliGemmaError("--lora-save adapter needs a base checkpoint (--model) for the adapter to apply to")
+        if cfg.warmup_steps < 0 or cfg.log_every < 1 or cfg.save_every < 1:
+            raise PaliGemmaError("--warmup-steps must be at least 0, --log-every and --save-every at least 1")
         return cfg
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
+        """Settings from YAML or flags, checked against the field types (YAML reads `1e-4` as a string)."""
+        hints = typing.get_type_hints(cls)
         clean = {k.replace("-", "_"): v for k, v in d.items()}
-        unknown = sorted(set(clean) - names)
+        unknown = sorted(set(clean) - set(hints))
         if unknown:
-            raise PaliGemmaError(f"unknown training setting(s): {', '.join(unknown)}")
-        return cls(**clean)
+            raise PaliGemmaError(f"unknown training setting(s): {', '.join(unknown)}; "
+                                 f"known: {', '.join(f.name for f in dataclasses.fields(cls))}")
+        return cls(**{k: _coerce(k, v, hints[k]) for k, v in clean.items()})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+
+def _coerce(name: str, value, hint):
+    """`value` as the type `hint` names (int, float, str, bool, list[str], or one of them | None)."""
+    optional = isinstance(hint, types.UnionType)  # every union here is `X | None`
+    if value is None and optional:
+        return None
+    kind = typing.get_args(hint)[0] if optional else hint
+    kind = typing.get_origin(kind) or kind  # list[str] -> list
+    if kind is float and isinstance(value, str):
+        try:
+            return float(value)  # PyYAML (YAML 1.1) reads 1e-4 as a string: it wants 1.0e-4
+        except ValueError:
+            pass
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        if kind is list and not all(isinstance(v, str) for v in value):
+            raise PaliGemmaError(f"setting {name} must be a list of names, got {value!r}")
+        return value
+    raise PaliGemmaError(f"setting {name} must be {'a list' if kind is list else kind.__name__}, got {value!r}")
+
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to `min_lr_ratio * lr` at the last step."""
+    """The learning rate of 0-based `step`: linear warmup over `warmup_steps`, then cosine decay
+    toward `min_lr_ratio * lr`, which it would reach at step `steps` (one past the last), so the last
+    step still learns."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
@@ -173,11 +216,15 @@ class Trainer:
         self.device = torch.device(device)
         self.on_log = on_log or (lambda m: None)
         self.out = Path(cfg.out)
+        self.resuming = resume
         state_file = self.out / "trainer_state.pt"
         if resume and not state_file.exists():
-            raise PaliGemmaError(f"nothing to resume in '{self.out}' (no trainer_state.pt)")
+            raise PaliGemmaError(f"nothing to resume in '{self.out}' (no trainer_state.pt); start the run without --resume")
         if not resume and state_file.exists():
             raise PaliGemmaError(f"'{self.out}' already holds a run; pass --resume to continue it or choose another --out")
+        if not resume and (self.out / "config.json").exists():
+            # Saving would overwrite the model there, e.g. the checkpoint being fine-tuned.
+            raise PaliGemmaError(f"'{self.out}' already holds a model; choose another --out for the run")
         self.examples = read_jsonl(cfg.data)
         if not self.examples:
             raise PaliGemmaError(f"'{cfg.data}' has no examples")
@@ -194,9 +241,14 @@ class Trainer:
             lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
         )
         self.state = TrainState()
+        self.bad_images: set[str] = set()  # unreadable files, skipped without reading them again
         self.autocast = pick_autocast(cfg.precision, self.device)
+        self._updating = False  # True while weights and optimizer are part-way through one step
         if resume:
             self._load_state(state_file)
+        else:  # the run folder records its settings from the start, not only at the first save
+            self.out.mkdir(parents=True, exist_ok=True)
+            _atomic_write_text(self.out / "train_config.yaml", self._config_yaml())
 
     # --- set-up --------------------------------------------------------------------------------
 
@@ -216,14 +268,16 @@ class Trainer:
             self.tokenizer_dir = self.out
             self.out.mkdir(parents=True, exist_ok=True)
             tok_path = self.out / "tokenizer.model"
-            if not tok_path.exists():
+            # A resumed run keeps its tokenizer; a new one never reuses a file left by a failed start.
+            if not (self.resuming and tok_path.exists()):
                 from paligemma_cli.core.tokenizer_training import train_tokenizer
 
                 texts = []
                 for ex in self.examples:
                     texts.append(ex.prefix)
                     texts.extend(ex.references)
-                train_tokenizer(texts, tok_path, vocab_size=cfg.tokenizer_vocab_size)
+                with _stderr_with_fileno():
+                    train_tokenizer(texts, tok_path, vocab_size=cfg.tokenizer_vocab_size)
             self.tokenizer = PaliGemmaTokenizer.from_file(tok_path)
             vocab = -(-(self.tokenizer.image_token_id + 1) // 64) * 64
             mcfg = PaliGemmaConfig.from_name(cfg.model_config, text__vocab_size=vocab,
@@ -231,10 +285,11 @@ class Trainer:
             self.model = PaliGemma(mcfg).to(self.device)
             init_weights(self.model, cfg.seed)
         mcfg = self.model.config
-        if self.tokenizer.image_token_id != mcfg.image_token_id:
+        if self.tokenizer.image_token_id != mcfg.image_token_id or self.tokenizer.image_token_id > mcfg.text.vocab_size:
             raise PaliGemmaError(
                 f"tokenizer and model do not match: the tokenizer's <image> is {self.tokenizer.image_token_id}, "
-                f"the model's is {mcfg.image_token_id}"
+                f"the model's is {mcfg.image_token_id} (vocabulary {mcfg.text.vocab_size}); "
+                f"put the tokenizer.model that came with the weights in '{self.tokenizer_dir}'"
             )
         if cfg.init_vision:
             self._init_vision(cfg.init_vision)
@@ -269,11 +324,23 @@ class Trainer:
                 p.requires_grad_(False)
 
     def _check_examples(self) -> None:
-        """Drop examples whose image file is missing; count them for the summary."""
+        """Drop examples whose image file is missing (counted for the summary); fail before any step
+        when no image at all can be read. Reading stops at the first good image, so this is quick."""
+        from paligemma_cli.core.image import load_image
+
         usable = [ex for ex in self.examples if os.path.exists(ex.image)]
         self.missing_images = len(self.examples) - len(usable)
         if not usable:
-            raise PaliGemmaError(f"'{self.cfg.data}' has no usable example (no image file exists)")
+            raise PaliGemmaError(f"'{self.cfg.data}' has no usable example: none of its image files exists "
+                                 "(image paths are relative to the JSONL file)")
+        for ex in usable:
+            try:
+                load_image(ex.image)
+                break
+            except PaliGemmaError:
+                continue
+        else:
+            raise PaliGemmaError(f"'{self.cfg.data}' has no usable example: none of its {len(usable)} images can be read")
         self.examples = usable
 
     # --- batches -------------------------------------------------------------------------------
@@ -283,10 +350,13 @@ class Trainer:
 
         images, prefixes, suffixes = [], [], []
         for ex in examples:
+            if str(ex.image) in self.bad_images:
+                continue
             try:
                 images.append(load_image(ex.image))
             except PaliGemmaError:
-                self.state.skipped_images += 1
+                self.bad_images.add(str(ex.image))
+                self.state.skipped_images += 1  # each unreadable file counts once, however often drawn
                 continue
             prefixes.append(ex.prefix)
             suffixes.append(ex.references[0])
@@ -318,8 +388,10 @@ class Trainer:
             n += 1
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip) if cfg.clip > 0 else torch.tensor(0.0)
+        self._updating = True
         self.optimizer.step()
         self.state.step += 1
+        self._updating = False
         return {"step": self.state.step, "loss": total / max(n, 1), "lr": lr, "grad_norm": float(grad_norm)}
 
     @torch.no_grad()
@@ -354,7 +426,10 @@ class Trainer:
                 if step % cfg.save_every == 0 and step < cfg.steps:
                     self.save()
         except KeyboardInterrupt:
-            self.save()
+            # Ctrl-C inside optimizer.step() leaves some weights updated and some not: keep the last
+            # checkpoint then. Anywhere else the weights are those of a finished step.
+            if not self._updating:
+                self.save()
             raise
         self.save()
         return {**last, "steps": self.state.step, "skipped_images": self.state.skipped_images,
@@ -374,9 +449,7 @@ class Trainer:
 
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        import yaml
-
-        extra = {"train_config.yaml": yaml.safe_dump(cfg.to_dict(), sort_keys=False)}
+        extra = {"train_config.yaml": self._config_yaml()}
         if cfg.trainable == "lora" and cfg.lora_save == "adapter":
             adapter = {k: v.detach().cpu() for k, v in lora_state_dict(self.model).items()}
             _atomic_save_tensors(adapter, self.out / "adapter_model.safetensors")
@@ -392,6 +465,7 @@ class Trainer:
         state = {
             "step": self.state.step,
             "skipped_images": self.state.skipped_images,
+            "bad_images": sorted(self.bad_images),
             "model": trainable,
             "optimizer": self.optimizer.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
@@ -401,16 +475,60 @@ class Trainer:
         torch.save(state, tmp)
         os.replace(tmp, self.out / "trainer_state.pt")
 
+    def _config_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
+
     def _load_state(self, path: Path) -> None:
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        missing = self.model.load_state_dict(state["model"], strict=False)
-        if missing.unexpected_keys:
-            raise PaliGemmaError(f"'{path}' does not belong to this configuration (unexpected {missing.unexpected_keys[:3]})")
+        # On the CPU: the RNG state must stay there; load_state_dict moves the rest to the model's device.
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        saved = state.get("config", {})
+        for name in RESUME_FIXED:
+            if name in saved and saved[name] != getattr(self.cfg, name):
+                raise PaliGemmaError(f"cannot resume '{self.out}' with {name} = {getattr(self.cfg, name)!r}: the run "
+                                     f"used {saved[name]!r}; start a new run to change it")
+        trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        result = self.model.load_state_dict(state["model"], strict=False)
+        lacking = sorted(trainable - set(state["model"]))
+        if result.unexpected_keys or lacking:
+            raise PaliGemmaError(f"'{path}' does not belong to this configuration "
+                                 f"(unexpected {result.unexpected_keys[:3]}, lacking {lacking[:3]})")
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         self.state.step = state["step"]
         self.state.skipped_images = state["skipped_images"]
+        self.bad_images = set(state.get("bad_images", []))  # absent in states saved before it was kept
+        self._trim_metrics()
+
+    def _trim_metrics(self) -> None:
+        """Drop metrics logged after the checkpoint (a run killed between saves): they are redone."""
+        path = self.out / "metrics.jsonl"
+        if not path.exists():
+            return
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        keep = [line for line in lines if json.loads(line).get("step", 0) <= self.state.step]
+        if len(keep) != len(lines):
+            _atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+@contextlib.contextmanager
+def _stderr_with_fileno():
+    """SentencePiece's trainer silences its log by redirecting `sys.stderr.fileno()`; Jupyter and test
+    runners replace sys.stderr with streams that have no file descriptor, so lend it the real one."""
+    try:
+        sys.stderr.fileno()
+        has_fd = True
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        has_fd = False
+    saved = sys.stderr
+    if not has_fd:
+        sys.stderr = sys.__stderr__
+    try:
+        yield
+    finally:
+        sys.stderr = saved
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
