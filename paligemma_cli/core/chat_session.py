@@ -22,7 +22,7 @@ from typing import Iterator
 import torch
 
 from paligemma_cli.core.errors import PaliGemmaError
-from paligemma_cli.core.generate import SamplingOptions, generate_tokens
+from paligemma_cli.core.generate import SamplingOptions
 from paligemma_cli.core.kv_cache import KVCache
 from paligemma_cli.core.pipeline import GenerationStats
 
@@ -120,10 +120,9 @@ class ChatSession:
             batch, cache = self._question_after_image(question)
         stats = GenerationStats(prompt_tokens=n_prompt)
         pieces = []
-        for piece in self._stream(batch, cache, stats, t0):
+        for piece in self.pipeline.stream_batch(batch, self.opts, stats, t0, cache):
             pieces.append(piece)
             yield piece
-        stats.total_s = time.perf_counter() - t0
         self.last = stats
         self.history.append(Turn(self.image_name or "", prompt, "".join(pieces), stats))
 
@@ -165,32 +164,4 @@ class ChatSession:
         model = self.pipeline.model
         # Round up so a run of slightly longer questions does not reallocate every time.
         size = min(-(-needed // 64) * 64, model.config.text.max_position_embeddings)
-        old, (length, next_pos) = self._cache, self._snap
-        new = model.new_cache(1, size)
-        for layer in range(len(old.k)):
-            new.k[layer][:, :, :length] = old.k[layer][:, :, :length]
-            new.v[layer][:, :, :length] = old.v[layer][:, :, :length]
-        new.valid[:, :length] = old.valid[:, :length]
-        new.prefix[:, :length] = old.prefix[:, :length]
-        new.length = length
-        new.next_pos.copy_(next_pos)
-        self._cache = new
-
-    def _stream(self, batch: dict, cache: KVCache | None, stats: GenerationStats, t0: float) -> Iterator[str]:
-        """Decode generated ids into text pieces, as `Pipeline.stream` does, filling `stats`."""
-        tok = self.pipeline.tokenizer
-        decoder = tok.stream()
-        eos = tok.eos_id
-        for step, token in enumerate(generate_tokens(self.pipeline.model, batch, self.opts, eos, tok.pad_id, cache)):
-            tid = int(token[0])  # the one sync per token that streaming needs
-            if step == 0:
-                stats.ttft_s = time.perf_counter() - t0
-            if tid == eos:
-                break
-            stats.new_tokens += 1
-            piece = decoder.push(tid)
-            if piece:
-                yield piece
-        tail = decoder.flush()
-        if tail:
-            yield tail
+        self._cache = self._cache.resized(size, self._snap)

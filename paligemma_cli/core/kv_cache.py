@@ -60,6 +60,20 @@ class KVCache:
         self.prefix[:, length:] = False
         self.length = length
 
+    def resized(self, max_len: int, snap: tuple[int, torch.Tensor]) -> "KVCache":
+        """A cache of `max_len` slots holding this one's state as of `snap`, e.g. to fit a longer prompt."""
+        length, next_pos = snap
+        k0 = self.k[0]
+        new = KVCache.allocate(len(self.k), k0.shape[0], k0.shape[1], k0.shape[3], max_len, k0.dtype, k0.device)
+        for layer in range(len(self.k)):
+            new.k[layer][:, :, :length] = self.k[layer][:, :, :length]
+            new.v[layer][:, :, :length] = self.v[layer][:, :, :length]
+        new.valid[:, :length] = self.valid[:, :length]
+        new.prefix[:, :length] = self.prefix[:, :length]
+        new.length = length
+        new.next_pos.copy_(next_pos)
+        return new
+
     def snapshot(self) -> tuple[int, torch.Tensor]:
         return self.length, self.next_pos.clone()
 

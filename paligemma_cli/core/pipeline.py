@@ -78,9 +78,15 @@ class Pipeline:
         t0 = time.perf_counter()
         batch = self.prepare([image], [prompt], opts.max_new_tokens)
         stats = GenerationStats(prompt_tokens=int(batch["input_ids"].shape[1]))
+        yield from self.stream_batch(batch, opts, stats, t0)
+        self.last = stats
+
+    def stream_batch(self, batch: dict, opts: SamplingOptions, stats: GenerationStats, t0: float,
+                     cache=None) -> Iterator[str]:
+        """Text pieces of a one-row batch's answer, filling `stats` (timings from `t0`) as it goes."""
         decoder = self.tokenizer.stream()
         eos = self.tokenizer.eos_id
-        for step, token in enumerate(generate_tokens(self.model, batch, opts, eos, self.tokenizer.pad_id)):
+        for step, token in enumerate(generate_tokens(self.model, batch, opts, eos, self.tokenizer.pad_id, cache)):
             tid = int(token[0])  # the one sync per token that streaming needs
             if step == 0:
                 stats.ttft_s = time.perf_counter() - t0
@@ -94,7 +100,6 @@ class Pipeline:
         if tail:
             yield tail
         stats.total_s = time.perf_counter() - t0
-        self.last = stats
 
     def generate(self, images: Sequence, prompts: Sequence[str], opts: SamplingOptions) -> list[str]:
         """Answer a batch of (image, prompt) pairs; returns one string per pair."""
