@@ -24,7 +24,7 @@ def eval_command(
     model: ModelOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Examples per forward pass.")] = 16,
     limit: Annotated[Optional[int], typer.Option("--limit", "-n", min=1, help="Evaluate only the first N examples (after --task).")] = None,
-    tasks: Annotated[Optional[list[str]], typer.Option("--task", "-t", help="Only this task (repeat for several), e.g. color.")] = None,
+    tasks: Annotated[Optional[list[str]], typer.Option("--task", "-t", help="Only this task (repeat for several), e.g. color; `retrieval` scores a SigLIP dual encoder (recall@1/5) on the caption lines.")] = None,
     predictions: Annotated[Optional[Path], typer.Option("--predictions", help="Write every example's prediction and score to this JSONL file as they are made.")] = None,
     json_out: JsonOpt = False,
     max_tokens: MaxTokensOpt = 64,
@@ -41,6 +41,8 @@ def eval_command(
       paligemma eval data/shapes-test/data.jsonl --task color --task count --json
 
       paligemma eval val.jsonl --model runs/shapes/final --predictions preds.jsonl
+
+      paligemma eval data/shapes-test/data.jsonl --task retrieval --model runs/siglip
     """
     from paligemma_cli.core.dataset import read_jsonl
     from paligemma_cli.core.errors import PaliGemmaError
@@ -48,6 +50,15 @@ def eval_command(
     from paligemma_cli.runtime import load_pipeline, sampling_options, stderr_console
 
     console = stderr_console()
+    if tasks and "retrieval" in tasks:
+        if len(tasks) > 1 or predictions:
+            raise PaliGemmaError("--task retrieval scores a dual encoder alone: drop the other --task and --predictions")
+        from paligemma_cli.core.retrieval import format_retrieval, run_retrieval_eval
+
+        result = run_retrieval_eval(data, model, batch_size, limit, device, dtype)
+        console.print(f"evaluated {result['n']} image-caption pair(s) in {result['seconds']:.1f}s", markup=False)
+        print(json.dumps(result) if json_out else format_retrieval(result))
+        return
     examples = select_examples(read_jsonl(data), tasks or (), limit)
     if not examples:
         raise PaliGemmaError(f"{data}: no examples to evaluate")

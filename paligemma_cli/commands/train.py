@@ -17,7 +17,8 @@ def train(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder: the model checkpoint, metrics.jsonl, resume state.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file with any of these settings; flags override it.")] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoint folder to fine-tune.")] = None,
-    model_config: Annotated[Optional[str], typer.Option("--model-config", help="Named config to train from scratch, e.g. demo-64.")] = None,
+    model_config: Annotated[Optional[str], typer.Option("--model-config", help="Named config to train from scratch, e.g. demo-64 (siglip-demo-64 with --objective siglip).")] = None,
+    objective: Annotated[Optional[str], typer.Option("--objective", help="captioning (PaliGemma, the default), or siglip / clip: a SigLIP dual encoder on the caption lines.")] = None,
     val_data: Annotated[Optional[Path], typer.Option("--val-data", help="Validation JSONL for periodic eval loss.")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Optimizer steps.")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1)] = None,
@@ -51,6 +52,8 @@ def train(
       paligemma train --config configs/demo.yaml --out runs/demo
 
       paligemma train --config configs/demo.yaml --out runs/demo --resume
+
+      paligemma train data/shapes/data.jsonl --objective siglip --model-config siglip-demo-64 --out runs/siglip
     """
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -59,11 +62,13 @@ def train(
     from paligemma_cli.core.errors import PaliGemmaError
     from paligemma_cli.core.training import TrainConfig, Trainer
 
+    contrastive = ("siglip", "clip")
+
     settings: dict = {}
     if config is not None:
         settings = _read_yaml(config)
-        unknown = sorted(set(settings) - TrainConfig.field_names())
-        if unknown:
+        unknown = sorted(set(settings) - TrainConfig.field_names() - {"objective"})
+        if unknown and (objective or settings.get("objective")) not in contrastive:  # those check their own
             raise PaliGemmaError(f"'{config}': unknown setting(s) {', '.join(unknown)}; "
                                  f"see `paligemma train --help` for the settings")
     flags = dict(data=data, out=out, model=model, model_config=model_config, val_data=val_data, steps=steps,
@@ -84,9 +89,19 @@ def train(
         raise PaliGemmaError("no training data: give a JSONL file (or `data:` in --config)")
     if not settings.get("out"):
         raise PaliGemmaError("no run folder: pass --out (or `out:` in --config)")
-    cfg = TrainConfig.from_dict(settings)
+    saved_objective = settings.pop("objective", None)  # from --config, or the run being resumed
+    objective = objective or saved_objective or "captioning"
+    if objective in contrastive:
+        from paligemma_cli.core.contrastive_training import ContrastiveTrainConfig, ContrastiveTrainer
+
+        cfg = ContrastiveTrainConfig.from_dict({**settings, "objective": objective})
+        trainer = ContrastiveTrainer(cfg, device=pick_device(device), resume=resume)
+    elif objective == "captioning":
+        cfg = TrainConfig.from_dict(settings)
+        trainer = Trainer(cfg, device=pick_device(device), resume=resume)
+    else:
+        raise PaliGemmaError(f"--objective must be captioning, siglip or clip, got {objective!r}")
     console = Console(stderr=True)
-    trainer = Trainer(cfg, device=pick_device(device), resume=resume)
     total = trainer.cfg.steps
     progress = Progress(
         TextColumn("[bold]train[/]"), BarColumn(), TextColumn("{task.completed}/{task.total}"),

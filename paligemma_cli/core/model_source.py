@@ -24,6 +24,7 @@ CHECKPOINT_PATTERNS = [
     "*.safetensors",
     "model.safetensors.index.json",
     "tokenizer.model",
+    "spiece.model",
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
