@@ -176,13 +176,21 @@ def suffix_loss(model, batch: dict) -> torch.Tensor:
 
 
 def init_weights(model, seed: int) -> None:
-    """Small normal weights and identity norms for a from-scratch model."""
+    """Small normal weights, zero biases and identity norms for a from-scratch model."""
+    from torch import nn
+
+    from paligemma_cli.core.gemma import RMSNorm
+
+    layer_norms = {n for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)}
+    rms_norms = {n for n, m in model.named_modules() if isinstance(m, RMSNorm)}
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("bias") or "layernorm" in name or "norm" in name.split(".")[-2]:
-                # LayerNorm weight 1 / bias 0; RMSNorm stores w with (1 + w): 0 is identity.
-                p.fill_(1.0 if ("layer_norm" in name or "post_layernorm" in name) and name.endswith("weight") else 0.0)
+            owner, kind = name.rsplit(".", 1)
+            if owner in layer_norms:
+                p.fill_(1.0 if kind == "weight" else 0.0)
+            elif owner in rms_norms or kind == "bias":
+                p.zero_()  # RMSNorm scales by (1 + w): zero is the identity
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
