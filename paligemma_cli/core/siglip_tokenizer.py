@@ -12,8 +12,6 @@ this package writes `tokenizer.model` with the same layout (`train_siglip_tokeni
 
 from __future__ import annotations
 
-import io
-import os
 import string
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -101,23 +99,18 @@ def train_siglip_tokenizer(texts: Iterable[str], out_path: str | Path, vocab_siz
     `vocab_size` is an upper bound: a small corpus yields fewer pieces instead of failing.
     The same texts always give the same file.
     """
-    import sentencepiece as spm
 
     lines = [line for line in (canonicalize(t) for t in texts) if line]
     if not lines:
         raise PaliGemmaError("cannot train a tokenizer: the captions are empty once punctuation is removed")
-    model = io.BytesIO()
-    try:
-        with open(os.devnull, "w") as quiet:  # the trainer logs pages of progress to stderr
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(lines), model_writer=model, logstream=quiet,
-                model_type="unigram", vocab_size=vocab_size, hard_vocab_limit=False, character_coverage=1.0,
-                pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
-                num_threads=1, shuffle_input_sentence=False,  # determinism
-            )
-    except RuntimeError as e:
-        raise PaliGemmaError(f"tokenizer training failed: {e}") from None
+    from paligemma_cli.core.tokenizer_training import run_sentencepiece_trainer
+
+    model = run_sentencepiece_trainer(
+        lines, model_type="unigram", vocab_size=vocab_size, hard_vocab_limit=False, character_coverage=1.0,
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
+        num_threads=1, shuffle_input_sentence=False,  # determinism
+    )
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_bytes(model.getvalue())
+    out_path.write_bytes(model)
     return out_path

@@ -15,6 +15,7 @@ as they are, digits split.
 from __future__ import annotations
 
 import io
+import sys
 import os
 import re
 import struct
@@ -40,8 +41,6 @@ def train_tokenizer(texts: Iterable[str], out_path: str | Path, vocab_size: int 
     Returns:
         `out_path` as a Path. The same texts always give the same file.
     """
-    import sentencepiece as spm
-
     from paligemma_cli.core.errors import PaliGemmaError
 
     # One sentence per line; empty lines carry nothing to learn. Detection/segmentation answers hold
@@ -51,33 +50,26 @@ def train_tokenizer(texts: Iterable[str], out_path: str | Path, vocab_size: int 
     lines = [line for text in texts for line in text.split("\n") if line.strip()]
     if not lines:
         raise PaliGemmaError("cannot train a tokenizer on empty text: give it at least one non-empty line")
-    model = io.BytesIO()
-    try:
-        with open(os.devnull, "w") as quiet:  # the trainer logs pages of progress to stderr
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(lines),
-                model_writer=model,
-                logstream=quiet,
-                model_type="bpe",
-                vocab_size=vocab_size,
-                hard_vocab_limit=False,  # a tiny corpus yields fewer pieces instead of failing
-                character_coverage=1.0,  # every character seen gets a piece; others fall back to bytes
-                byte_fallback=True,
-                split_digits=True,
-                normalization_rule_name="identity",
-                add_dummy_prefix=False,
-                remove_extra_whitespaces=False,
-                allow_whitespace_only_pieces=True,
-                pad_id=0, eos_id=1, bos_id=2, unk_id=3,
-                pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
-                # User-defined pieces are matched before BPE, so "\n" is always one token (108 in Gemma).
-                user_defined_symbols=["<mask>", "\n"],
-                num_threads=1,  # determinism
-                shuffle_input_sentence=False,
-            )
-    except RuntimeError as e:
-        raise PaliGemmaError(f"tokenizer training failed: {e}") from e
-    data = _append_user_defined(model.getvalue(), LOC_TOKENS + SEG_TOKENS)
+    model = run_sentencepiece_trainer(
+        lines,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,  # a tiny corpus yields fewer pieces instead of failing
+        character_coverage=1.0,  # every character seen gets a piece; others fall back to bytes
+        byte_fallback=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+        # User-defined pieces are matched before BPE, so "\n" is always one token (108 in Gemma).
+        user_defined_symbols=["<mask>", "\n"],
+        num_threads=1,  # determinism
+        shuffle_input_sentence=False,
+    )
+    data = _append_user_defined(model, LOC_TOKENS + SEG_TOKENS)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_bytes(data)
@@ -109,3 +101,31 @@ def _varint(n: int) -> bytes:
         out.append(n & 0x7F | 0x80)
         n >>= 7
     return bytes(out + bytes([n]))
+
+
+def run_sentencepiece_trainer(lines: list[str], **options) -> bytes:
+    """Train a SentencePiece model on `lines` in memory, quietly; return the serialized model.
+
+    The trainer writes pages of progress to stderr and, to silence it, needs `sys.stderr` to have a
+    file descriptor; Jupyter and test runners replace it with streams that have none, so the real one
+    is lent for the call.
+    """
+    import sentencepiece as spm
+
+    from paligemma_cli.core.errors import PaliGemmaError
+
+    saved = sys.stderr
+    try:
+        sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        sys.stderr = sys.__stderr__
+    model = io.BytesIO()
+    try:
+        with open(os.devnull, "w") as quiet:
+            spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, logstream=quiet,
+                                           **options)
+    except RuntimeError as e:
+        raise PaliGemmaError(f"tokenizer training failed: {e}") from None
+    finally:
+        sys.stderr = saved
+    return model.getvalue()

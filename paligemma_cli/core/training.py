@@ -11,13 +11,11 @@ and `metrics.jsonl`. Each file is replaced atomically.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
 import random
-import sys
 import time
 import types
 import typing
@@ -284,8 +282,7 @@ class Trainer:
                 for ex in self.examples:
                     texts.append(ex.prefix)
                     texts.extend(ex.references)
-                with _stderr_with_fileno():
-                    train_tokenizer(texts, tok_path, vocab_size=cfg.tokenizer_vocab_size)
+                train_tokenizer(texts, tok_path, vocab_size=cfg.tokenizer_vocab_size)
             self.tokenizer = PaliGemmaTokenizer.from_file(tok_path)
             vocab = -(-(self.tokenizer.image_token_id + 1) // 64) * 64
             mcfg = PaliGemmaConfig.from_name(cfg.model_config, text__vocab_size=vocab,
@@ -519,24 +516,6 @@ class Trainer:
         keep = [line for line in lines if json.loads(line).get("step", 0) <= self.state.step]
         if len(keep) != len(lines):
             _atomic_write_text(path, "".join(line + "\n" for line in keep))
-
-
-@contextlib.contextmanager
-def _stderr_with_fileno():
-    """SentencePiece's trainer silences its log by redirecting `sys.stderr.fileno()`; Jupyter and test
-    runners replace sys.stderr with streams that have no file descriptor, so lend it the real one."""
-    try:
-        sys.stderr.fileno()
-        has_fd = True
-    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
-        has_fd = False
-    saved = sys.stderr
-    if not has_fd:
-        sys.stderr = sys.__stderr__
-    try:
-        yield
-    finally:
-        sys.stderr = saved
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
