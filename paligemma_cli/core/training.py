@@ -174,7 +174,7 @@ def suffix_loss(model, batch: dict) -> torch.Tensor:
 
 
 def init_weights(model, seed: int) -> None:
-    """Small normal weights, zero biases and identity norms for a from-scratch model."""
+    """Small normal weights (unit-scale vision positions), zero biases and identity norms, from scratch."""
     from torch import nn
 
     from paligemma_cli.core.gemma import RMSNorm
@@ -189,6 +189,10 @@ def init_weights(model, seed: int) -> None:
                 p.fill_(1.0 if kind == "weight" else 0.0)
             elif owner in rms_norms or kind == "bias":
                 p.zero_()  # RMSNorm scales by (1 + w): zero is the identity
+            elif name == "vision_tower.embeddings.position_embedding.weight":
+                # Unit scale, as nn.Embedding's default: at 0.02 the positions drown in the patch content,
+                # attention smooths all patches alike, and the model cannot tell which shape is where.
+                p.copy_(torch.randn(p.shape, generator=g))
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
