@@ -349,3 +349,31 @@ def test_slow_from_scratch_run_learns_colors(tmp_path):
     print(f"colour accuracy {accuracy:.3f} on {len(val)}, loss {first:.2f} -> {last:.2f}, "
           f"{time.perf_counter() - t0:.0f} s")
     assert accuracy > 0.3, accuracy  # chance is 1/6
+
+
+def test_sigterm_saves_like_ctrl_c(tmp_path):
+    """A run stopped with `kill` (SIGTERM) saves a resumable checkpoint, as Ctrl-C does."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from paligemma_cli.core.shapes import write_dataset
+
+    data = write_dataset(tmp_path / "data", n=40, seed=0, image_size=32)
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "paligemma_cli", "train", str(data), "--model-config", "tiny-32", "--out", str(out),
+         "--steps", "100000", "--batch-size", "4", "--save-every", "100000", "--log-every", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted: saved step" in err
+    import torch
+
+    state = torch.load(out / "trainer_state.pt", weights_only=False)
+    assert state["step"] >= 1 and (out / "model.safetensors").exists()

@@ -124,7 +124,8 @@ def train(
 
         trainer.on_log = on_log
         try:
-            summary = trainer.run()
+            with _sigterm_as_interrupt():
+                summary = trainer.run()
         except KeyboardInterrupt:
             console.print(f"interrupted: saved step {trainer.state.step} to {cfg.out}; continue with --resume")
             raise typer.Exit(130)
@@ -151,3 +152,23 @@ def _read_yaml(path: Path) -> dict:
     if not isinstance(settings, dict):
         raise PaliGemmaError(f"'{path}' must hold a mapping of settings")
     return {k.replace("-", "_"): v for k, v in settings.items()}
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """`kill` (and a job started in the background, where Ctrl-C's SIGINT is ignored) saves like Ctrl-C."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
