@@ -141,6 +141,9 @@ def save_model(model, folder: str | Path, tokenizer_dir: str | Path | None = Non
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the finished folder should not be
     try:
         _write_checkpoint_files(model.config, model.state_dict(), tmp, tokenizer_dir, extra_files, max_shard_bytes)
         replace_folder(tmp, folder)
