@@ -127,7 +127,9 @@ def train(
             with _sigterm_as_interrupt():
                 summary = trainer.run()
         except KeyboardInterrupt:
-            console.print(f"interrupted: saved step {trainer.state.step} to {cfg.out}; continue with --resume")
+            saved = getattr(trainer, "saved_step", trainer.state.step)  # the contrastive trainer saves always
+            console.print(f"interrupted: saved step {saved} to {cfg.out}; continue with --resume" if saved
+                          else "interrupted before the first checkpoint: nothing saved")
             raise typer.Exit(130)
     if json_out:
         print(json.dumps(summary))

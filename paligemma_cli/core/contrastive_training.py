@@ -34,7 +34,8 @@ from paligemma_cli.core.config import VisionConfig
 from paligemma_cli.core.contrastive_loss import CLIP_INIT_LOGIT_SCALE, clip_loss, siglip_loss, siglip_loss_chunked
 from paligemma_cli.core.errors import PaliGemmaError
 from paligemma_cli.core.siglip_dual_encoder import SIGLIP_PRESETS, DualEncoder, SiglipConfig, SiglipTextConfig
-from paligemma_cli.core.training import BatchOrder, lr_at, pick_autocast
+from paligemma_cli.core.training import (BatchOrder, _atomic_save_tensors, _atomic_write_text, _coerce,
+                                         check_run_folder, lr_at, pick_autocast, trim_metrics)
 
 CONTRASTIVE_OBJECTIVES = ("siglip", "clip")
 
@@ -133,22 +134,6 @@ class ContrastiveTrainConfig:
         return dataclasses.asdict(self)
 
 
-def _coerce(name: str, value, hint):
-    """`value` as `hint` (int, float, str or one of them | None); YAML reads `1e-4` as a string."""
-    kinds = [k for k in typing.get_args(hint) if k is not type(None)] or [hint]
-    kind = kinds[0]
-    if value is None and type(None) in typing.get_args(hint):
-        return None
-    if kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
-        return value
-    raise PaliGemmaError(f"setting {name} must be {kind.__name__}, got {value!r}")
-
-
 # --- the trainer -----------------------------------------------------------------------------------
 
 
@@ -189,13 +174,7 @@ class ContrastiveTrainer:
         self.on_log = on_log or (lambda m: None)
         self.out = Path(cfg.out)
         self.resuming = resume
-        state_file = self.out / "trainer_state.pt"
-        if resume and not state_file.exists():
-            raise PaliGemmaError(f"nothing to resume in '{self.out}' (no trainer_state.pt); start the run without --resume")
-        if not resume and state_file.exists():
-            raise PaliGemmaError(f"'{self.out}' already holds a run; pass --resume to continue it or choose another --out")
-        if not resume and (self.out / "config.json").exists():
-            raise PaliGemmaError(f"'{self.out}' already holds a model; choose another --out for the run")
+        state_file = check_run_folder(self.out, resume)
         everything = read_jsonl(cfg.data)
         self.examples = caption_examples(everything)
         if not self.examples:
@@ -397,17 +376,7 @@ class ContrastiveTrainer:
         self.state.step = state["step"]
         self.state.skipped_images = state["skipped_images"]
         self.bad_images = set(state["bad_images"])
-        self._trim_metrics()
-
-    def _trim_metrics(self) -> None:
-        """Drop metrics logged after the checkpoint (a run killed between saves): they are redone."""
-        path = self.out / "metrics.jsonl"
-        if path.exists():
-            lines = [line for line in path.read_text().splitlines() if line.strip()]
-            keep = [line for line in lines if json.loads(line).get("step", 0) <= self.state.step]
-            if len(keep) != len(lines):
-                _atomic_write_text(path, "".join(line + "\n" for line in keep))
-
+        trim_metrics(self.out, self.state.step)
 
 def run_contrastive_training(settings: dict, resume: bool = False, device: str | torch.device = "cpu",
                              on_log: Callable[[dict], None] | None = None) -> dict:
@@ -418,17 +387,3 @@ def run_contrastive_training(settings: dict, resume: bool = False, device: str |
     """
     cfg = ContrastiveTrainConfig.from_dict(settings)
     return ContrastiveTrainer(cfg, device=device, on_log=on_log, resume=resume).run()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _atomic_save_tensors(state: dict, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})  # the metadata transformers expects
-    os.replace(tmp, path)

@@ -227,14 +227,7 @@ class Trainer:
         self.on_log = on_log or (lambda m: None)
         self.out = Path(cfg.out)
         self.resuming = resume
-        state_file = self.out / "trainer_state.pt"
-        if resume and not state_file.exists():
-            raise PaliGemmaError(f"nothing to resume in '{self.out}' (no trainer_state.pt); start the run without --resume")
-        if not resume and state_file.exists():
-            raise PaliGemmaError(f"'{self.out}' already holds a run; pass --resume to continue it or choose another --out")
-        if not resume and (self.out / "config.json").exists():
-            # Saving would overwrite the model there, e.g. the checkpoint being fine-tuned.
-            raise PaliGemmaError(f"'{self.out}' already holds a model; choose another --out for the run")
+        state_file = check_run_folder(self.out, resume)
         self.examples = read_jsonl(cfg.data)
         if not self.examples:
             raise PaliGemmaError(f"'{cfg.data}' has no examples")
@@ -251,6 +244,7 @@ class Trainer:
             lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
         )
         self.state = TrainState()
+        self.saved_step = 0  # the step of the last checkpoint written, for messages
         self.bad_images: set[str] = set()  # unreadable files, skipped without reading them again
         self.autocast = pick_autocast(cfg.precision, self.device)
         self._updating = False  # True while weights and optimizer are part-way through one step
@@ -483,6 +477,7 @@ class Trainer:
         tmp = self.out / ".trainer_state.pt.tmp"
         torch.save(state, tmp)
         os.replace(tmp, self.out / "trainer_state.pt")
+        self.saved_step = self.state.step
 
     def _config_yaml(self) -> str:
         import yaml
@@ -506,21 +501,10 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
-        self.state.step = state["step"]
+        self.state.step = self.saved_step = state["step"]
         self.state.skipped_images = state["skipped_images"]
         self.bad_images = set(state.get("bad_images", []))  # absent in states saved before it was kept
-        self._trim_metrics()
-
-    def _trim_metrics(self) -> None:
-        """Drop metrics logged after the checkpoint (a run killed between saves): they are redone."""
-        path = self.out / "metrics.jsonl"
-        if not path.exists():
-            return
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        keep = [line for line in lines if json.loads(line).get("step", 0) <= self.state.step]
-        if len(keep) != len(lines):
-            _atomic_write_text(path, "".join(line + "\n" for line in keep))
-
+        trim_metrics(self.out, self.state.step)
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
@@ -532,5 +516,29 @@ def _atomic_save_tensors(state: dict, path: Path) -> None:
     from safetensors.torch import save_file
 
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp))
+    save_file(state, str(tmp), metadata={"format": "pt"})  # the metadata transformers expects
     os.replace(tmp, path)
+
+
+def check_run_folder(out: Path, resume: bool) -> Path:
+    """The run's `trainer_state.pt` path, after refusing a resume with nothing to resume or a new run
+    over an old one (or over a model folder, e.g. the checkpoint being fine-tuned)."""
+    state_file = out / "trainer_state.pt"
+    if resume and not state_file.exists():
+        raise PaliGemmaError(f"nothing to resume in '{out}' (no trainer_state.pt); start the run without --resume")
+    if not resume and state_file.exists():
+        raise PaliGemmaError(f"'{out}' already holds a run; pass --resume to continue it or choose another --out")
+    if not resume and (out / "config.json").exists():
+        raise PaliGemmaError(f"'{out}' already holds a model; choose another --out for the run")
+    return state_file
+
+
+def trim_metrics(out: Path, step: int) -> None:
+    """Drop metrics logged after the checkpoint (a run killed between saves): they are redone."""
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    keep = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(keep) != len(lines):
+        _atomic_write_text(path, "".join(line + "\n" for line in keep))
