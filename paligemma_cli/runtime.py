@@ -15,7 +15,7 @@ def stderr_console():
     return Console(stderr=True, highlight=False)
 
 
-def load_pipeline(model: str | None, device: str, dtype: str, console=None):
+def load_pipeline(model: str | None, device: str, dtype: str, console=None, quantize: str = "none"):
     from paligemma_cli.core.model_source import resolve_model
     from paligemma_cli.core.pipeline import Pipeline
 
@@ -23,8 +23,19 @@ def load_pipeline(model: str | None, device: str, dtype: str, console=None):
     console = console or stderr_console()
     if console.is_terminal:
         with console.status(f"loading {folder}"):
-            return Pipeline.load(folder, device, dtype)
-    return Pipeline.load(folder, device, dtype)
+            pipe = Pipeline.load(folder, device, dtype, quantize)
+    else:
+        pipe = Pipeline.load(folder, device, dtype, quantize)
+    if _int8_in_float32_on_cpu(pipe.model):
+        console.print("note: int8 weights with float32 activations save memory but decode slower than float32 "
+                      "on a CPU; the fast int8 kernel is bf16's (--dtype bf16)", markup=False)
+    return pipe
+
+
+def _int8_in_float32_on_cpu(model) -> bool:
+    from paligemma_cli.core.quantize import is_quantized
+
+    return is_quantized(model) and model.device.type == "cpu" and str(model.dtype) == "torch.float32"
 
 
 def sampling_options(max_tokens: int, temperature: float = 0.0, top_k=None, top_p=None, seed=None):

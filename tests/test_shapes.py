@@ -217,7 +217,7 @@ def test_example_image_regenerates_identically():
     scene = make_scene(EXAMPLE_SEED, EXAMPLE_INDEX)
     assert np.array_equal(np.asarray(Image.open(EXAMPLE_IMAGE).convert("RGB")), np.asarray(render(scene)))
     # The README asks "what color is the circle?" about this file.
-    assert scene.find("circle").color == "purple"
+    assert scene.find("circle").color == "orange"
 
 
 def test_detect_answers_agree_with_the_detection_module():

@@ -175,13 +175,16 @@ def test_suffix_loss_is_cross_entropy_on_the_suffix_and_eos_only(data, tmp_path)
     model = trainer.model.eval()
     with torch.no_grad():
         logits = model(batch["input_ids"], batch["pixel_values"], batch["token_type_ids"], batch["attention_mask"])
-        terms = []
+        per_example, lengths = [], set()
         for b, ex in enumerate(trainer.examples[:4]):
             start = len(trainer.processor.prompt_ids(ex.prefix))
             target = trainer.processor.suffix_ids(ex.references[0])  # suffix tokens and <eos>
-            for i, token in enumerate(target):  # the logits at position p predict token p + 1
-                terms.append(-F.log_softmax(logits[b, start + i - 1], -1)[token])
-        by_hand = torch.stack(terms).mean()
+            lengths.add(len(target))
+            # the logits at position p predict token p + 1
+            terms = [-F.log_softmax(logits[b, start + i - 1], -1)[token] for i, token in enumerate(target)]
+            per_example.append(torch.stack(terms).mean())
+        assert len(lengths) > 1  # else per-example and per-token means would be the same number
+        by_hand = torch.stack(per_example).mean()
         torch.testing.assert_close(suffix_loss(model, batch), by_hand)
         # labels placed on prefix positions would change it: the processor must not put any there
         assert (batch["labels"][batch["token_type_ids"] == 0] == -100).all()

@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from paligemma_cli.options import (DeviceOpt, DtypeOpt, JsonOpt, LangOpt, MaxTokensOpt, ModelOpt, SeedOpt,
-                                   TemperatureOpt, TopKOpt, TopPOpt)
+from paligemma_cli.options import (DeviceOpt, DtypeOpt, JsonOpt, LangOpt, MaxTokensOpt, ModelOpt, QuantizeOpt,
+                                   SeedOpt, TemperatureOpt, TopKOpt, TopPOpt)
 
 
 def ask(
@@ -24,6 +24,7 @@ def ask(
     seed: SeedOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "none",
     json_out: JsonOpt = False,
 ) -> None:
     """Ask a question about an image; the answer streams to stdout.
@@ -35,6 +36,8 @@ def ask(
       paligemma ask photo.jpg --prompt "caption en"
 
       paligemma ask photo.jpg "wie viele Katzen?" --lang de --json
+
+      paligemma ask photo.jpg "what is this?" --quantize int8
     """
     from paligemma_cli.core.errors import PaliGemmaError
     from paligemma_cli.core.image import load_image
@@ -49,7 +52,7 @@ def ask(
     opts = sampling_options(max_tokens, temperature, top_k, top_p, seed)
     picture = load_image(image)  # fail on a bad image before paying for the model
     console = stderr_console()
-    pipe = load_pipeline(model, device, dtype, console)
+    pipe = load_pipeline(model, device, dtype, console, quantize=quantize)
     if json_out:
         answer = "".join(pipe.stream(picture, prompt, opts))
         print(json.dumps({"answer": answer, "prompt": prompt, "image": image, "model": str(pipe.folder),

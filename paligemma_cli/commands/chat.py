@@ -15,8 +15,8 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
-from paligemma_cli.options import (DeviceOpt, DtypeOpt, LangOpt, MaxTokensOpt, ModelOpt, SeedOpt, TemperatureOpt,
-                                   TopKOpt, TopPOpt)
+from paligemma_cli.options import (DeviceOpt, DtypeOpt, LangOpt, MaxTokensOpt, ModelOpt, QuantizeOpt, SeedOpt,
+                                   TemperatureOpt, TopKOpt, TopPOpt)
 
 HELP = """\
 Type a question about the image and press Enter; it is sent as "answer LANG QUESTION".
@@ -45,6 +45,7 @@ def chat(
     lang: LangOpt = "en",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "none",
     exact: Annotated[bool, typer.Option("--exact", help="Re-encode image and question for every question, so answers equal `paligemma ask` (slower).")] = False,
 ) -> None:
     """Ask questions about an image one after another; the image is encoded once.
@@ -75,7 +76,7 @@ def chat(
     opts = sampling_options(max_tokens, temperature, top_k, top_p, seed)
     picture = load_image(image) if image else None  # fail on a bad image before paying for the model
     console = stderr_console()
-    pipe = load_pipeline(model, device, dtype, console)
+    pipe = load_pipeline(model, device, dtype, console, quantize=quantize)
     session = ChatSession(pipe, opts, exact=exact)
     if picture is not None:
         session.set_image(picture, name=image)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from paligemma_cli.options import DeviceOpt, DtypeOpt, JsonOpt, MaxTokensOpt, ModelOpt
+from paligemma_cli.options import DeviceOpt, DtypeOpt, JsonOpt, MaxTokensOpt, ModelOpt, QuantizeOpt
 
 
 def detect(
@@ -19,6 +19,7 @@ def detect(
     max_tokens: MaxTokensOpt = 64,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "none",
     json_out: JsonOpt = False,
 ) -> None:
     """Find objects and print their boxes (x0 y0 x1 y1, pixels of the original image).
@@ -40,7 +41,7 @@ def detect(
     prompt = "detect " + " ; ".join(labels)
     picture = load_image(image)
     console = stderr_console()
-    pipe = load_pipeline(model, device, dtype, console)
+    pipe = load_pipeline(model, device, dtype, console, quantize=quantize)
     raw = pipe.generate([picture], [prompt], sampling_options(max_tokens))[0]
     boxes = parse_detections(raw, picture.width, picture.height)
     if out is not None:

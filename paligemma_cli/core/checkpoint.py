@@ -5,12 +5,14 @@ A folder holds `config.json` and either `model.safetensors` or shards listed in
 (`vision_tower.vision_model.…`, `language_model.model.…`) or the in-memory names of newer
 `transformers` (`model.vision_tower.…`, `model.language_model.…`); both map to this project's module
 names. Loading is strict. The model is built on the `meta` device and each tensor is read and cast on
-its own, so no float32 copy of a bfloat16 model is ever made.
+its own, so no float32 copy of a bfloat16 model is ever made. A folder saved with int8 weights (see
+`core.quantize`) says so in `config.json` ("quantization") and holds `….weight` (int8) and `….scales`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -32,6 +34,7 @@ _RENAMES = [
     (re.compile(r"^vision_tower\.vision_model\."), "vision_tower."),
     (re.compile(r"^language_model\.model\."), "language_model."),
 ]
+READ_CHUNK_ELEMENTS = 1 << 22  # tensors that are cast or quantized while loading are read this much at a time
 _TIED_HEAD = re.compile(r"^(language_model\.)?(model\.)?lm_head\.weight$")
 
 
@@ -80,37 +83,88 @@ def check_folder(path: str | Path) -> Path:
     return folder
 
 
-def load_model(path: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None):
-    """Build a `PaliGemma` from a checkpoint folder, strictly, straight into `dtype` on `device`."""
+def stored_quantization(folder: Path) -> str | None:
+    """The quantization method named in a folder's `config.json` ("int8-weight-only"), or None."""
+    from paligemma_cli.core.quantize import METHOD
+
+    try:
+        q = json.loads((folder / "config.json").read_text()).get("quantization")
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None  # PaliGemmaConfig.from_json has already said what is wrong with the file
+    if q is None:
+        return None
+    method = q.get("method") if isinstance(q, dict) else q
+    if method != METHOD:
+        raise PaliGemmaError(f"'{folder}' is quantized as {method!r}, which this version cannot load "
+                             f"(it reads {METHOD!r})")
+    return method
+
+
+def load_model(path: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+               quantize: str | None = None):
+    """Build a `PaliGemma` from a checkpoint folder, strictly, straight into `dtype` on `device`.
+
+    The model is built on the `meta` device (no memory) and each tensor is taken from the file on its
+    own: a tensor already in `dtype` on the CPU is used in place from the memory-mapped file (no copy;
+    its pages are read when first used); any other is read into fresh memory, cast or moved, and its
+    source freed before the next. Peak memory is therefore about the size of the weights in `dtype`,
+    never a float32 copy of the whole model.
+
+    `quantize="int8"` quantizes the decoder (see `core.quantize`) tensor by tensor as it is read, so the
+    float decoder never exists in memory. A folder saved quantized loads quantized whatever `quantize` says.
+    `dtype` is the activation dtype; by default the checkpoint's.
+    """
     from paligemma_cli.core.paligemma import PaliGemma
+    from paligemma_cli.core.quantize import parse_quantize, quantize_model, quantize_per_channel
 
     folder = check_folder(path)
     cfg = PaliGemmaConfig.from_json(folder / "config.json")
+    stored = stored_quantization(folder)
+    quantize = parse_quantize(quantize)
     device = torch.device(device or "cpu")
     with torch.device("meta"):
         model = PaliGemma(cfg)
+        if stored or quantize:
+            quantize_model(model)
     expected = dict(model.state_dict())
 
     state, unexpected = {}, []
     for file in weight_files(folder):
         try:
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for key in f.keys():
+            with safe_open(str(file), framework="pt", device="cpu") as mapped, _FileReader(file) as reader:
+                for key in mapped.keys():
                     name = canonical_key(key)
                     if name is None:
                         continue
                     if name not in expected:
                         unexpected.append(key)
                         continue
-                    t = f.get_tensor(key)
-                    if tuple(t.shape) != tuple(expected[name].shape):
+                    want, (src_dtype, shape) = expected[name], reader.info(key)
+                    if shape != tuple(want.shape):
                         raise PaliGemmaError(
-                            f"'{key}' in {file.name} has shape {tuple(t.shape)}, the config says "
-                            f"{tuple(expected[name].shape)}: config.json and weights do not match"
+                            f"'{key}' in {file.name} has shape {shape}, the config says "
+                            f"{tuple(want.shape)}: config.json and weights do not match"
                         )
-                    if t.is_floating_point():
-                        dtype = dtype or t.dtype
-                        t = t.to(dtype)  # one tensor at a time: never a float32 copy of the whole model
+                    if src_dtype.is_floating_point:
+                        dtype = dtype or src_dtype
+                    if want.dtype == torch.int8 and src_dtype.is_floating_point and not stored:
+                        # Quantizing at load: from the file's own precision, a few rows at a time.
+                        t, scales = _quantize_from_file(reader, key, dtype)
+                        state[name.removesuffix(".weight") + ".scales"] = scales.to(device)
+                    elif want.is_floating_point() != src_dtype.is_floating_point:
+                        wanted = "a float tensor" if want.is_floating_point() else "int8"
+                        hint = "" if stored else ("; config.json has no \"quantization\" entry, so the folder "
+                                                  "was not saved by `paligemma convert --quantize int8`")
+                        raise PaliGemmaError(f"'{key}' in {file.name} is {str(src_dtype).removeprefix('torch.')}, "
+                                             f"the model expects {wanted}{hint}")
+                    elif device.type == "cpu" and (src_dtype == dtype or not src_dtype.is_floating_point):
+                        t = mapped.get_tensor(key)  # used in place: no copy, pages read on first use
+                        if t.dtype == torch.int8 and t.data_ptr() % 64:
+                            t = reader.tensor(key)  # the CPU int8 kernel needs aligned weights
+                    else:
+                        # Cast or moved, so copied anyway: read into fresh memory, one tensor at a time,
+                        # rather than through the map, whose pages would stay resident until the end.
+                        t = reader.tensor(key, dtype if src_dtype.is_floating_point else None)
                     state[name] = t.to(device)
         except SafetensorError as e:
             raise PaliGemmaError(f"cannot read '{file}': {e}") from None
@@ -124,6 +178,80 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: torch
         raise PaliGemmaError(f"checkpoint '{folder}' does not match a PaliGemma model: " + "; ".join(parts))
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
+
+
+class _FileReader:
+    """Reads tensors (or rows of them) of a safetensors file with plain reads into fresh memory.
+
+    For the tensors that are copied anyway (cast, moved, quantized or realigned): read through the
+    memory map instead, their pages would stay resident, and counted in the process's memory, for as
+    long as any tensor of the file is in use. Fresh CPU tensors are also 64-byte aligned.
+    """
+
+    _DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+               "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+               "F64": torch.float64}
+
+    def __init__(self, path: Path):
+        self._file = open(path, "rb")
+        n = int.from_bytes(self._file.read(8), "little")
+        self._header = json.loads(self._file.read(n))
+        self._data_start = 8 + n
+
+    def __enter__(self) -> "_FileReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+
+    def info(self, key: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        entry = self._header[key]
+        if entry["dtype"] not in self._DTYPES:
+            raise PaliGemmaError(f"'{key}' has dtype {entry['dtype']}, which this tool does not read")
+        return self._DTYPES[entry["dtype"]], tuple(entry["shape"])
+
+    def tensor(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The whole tensor, in `dtype` if given: cast a few MB at a time, never whole in the file's dtype."""
+        src_dtype, shape = self.info(key)
+        if dtype is None or dtype == src_dtype or not shape:
+            out = self._read_into(torch.empty(shape, dtype=src_dtype), self._header[key]["data_offsets"][0])
+            return out if dtype is None else out.to(dtype)
+        out = torch.empty(shape, dtype=dtype)
+        for start, rows in self.chunks(key):
+            out[start:start + len(rows)] = rows
+        return out
+
+    def chunks(self, key: str, elements: int | None = None):
+        """Yield (start, rows): the tensor along its first axis, about `elements` at a time, read into one
+        reused buffer (valid until the next step). Reusing it keeps the heap from fragmenting."""
+        src_dtype, shape = self.info(key)
+        n, row = shape[0], math.prod(shape[1:])
+        step = max(1, (elements or READ_CHUNK_ELEMENTS) // max(row, 1))
+        buffer = torch.empty((min(step, n), *shape[1:]), dtype=src_dtype)
+        offset = self._header[key]["data_offsets"][0]
+        for start in range(0, n, step):
+            rows = buffer[: min(step, n - start)]
+            yield start, self._read_into(rows, offset + start * row * buffer.element_size())
+
+    def _read_into(self, out: torch.Tensor, offset: int) -> torch.Tensor:
+        self._file.seek(self._data_start + offset)
+        buffer = out.reshape(-1).view(torch.uint8).numpy()
+        if self._file.readinto(buffer) != buffer.nbytes:
+            raise PaliGemmaError(f"'{self._file.name}' is truncated: download or convert it again")
+        return out
+
+
+def _quantize_from_file(reader: _FileReader, key: str, scales_dtype: torch.dtype):
+    """int8 weight and scales of a float weight in the file, read and quantized a few MB at a time."""
+    from paligemma_cli.core.quantize import quantize_per_channel
+
+    _, (n, k) = reader.info(key)
+    q = torch.empty(n, k, dtype=torch.int8)
+    scales = torch.empty(n, dtype=scales_dtype)
+    for start, rows in reader.chunks(key):
+        end = start + len(rows)
+        quantize_per_channel(rows, scales_dtype, out=(q[start:end], scales[start:end]))
+    return q, scales
 
 
 def _names(keys: list[str], limit: int = 5) -> str:
@@ -145,7 +273,8 @@ def save_model(model, folder: str | Path, tokenizer_dir: str | Path | None = Non
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the finished folder should not be
     try:
-        _write_checkpoint_files(model.config, model.state_dict(), tmp, tokenizer_dir, extra_files, max_shard_bytes)
+        _write_checkpoint_files(model.config, model.state_dict(), tmp, tokenizer_dir, extra_files, max_shard_bytes,
+                                quantization=_quantization_marker(model))
         replace_folder(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -172,8 +301,20 @@ def save_state_dict_folder(config, state: dict[str, torch.Tensor], folder: str |
     return folder
 
 
-def _write_checkpoint_files(config, state, folder: Path, tokenizer_dir, extra_files, max_shard_bytes) -> None:
+def _quantization_marker(model) -> dict | None:
+    from paligemma_cli.core.quantize import is_quantized, marker
+
+    return marker(model.dtype) if is_quantized(model) else None
+
+
+def _write_checkpoint_files(config, state, folder: Path, tokenizer_dir, extra_files, max_shard_bytes,
+                            quantization: dict | None = None) -> None:
     config.save(folder)
+    if quantization is not None:
+        # Unknown keys are ignored by PaliGemmaConfig (and by transformers, which reads "quantization_config").
+        d = json.loads((folder / "config.json").read_text())
+        d["quantization"] = quantization
+        (folder / "config.json").write_text(json.dumps(d, indent=2) + "\n")
     write_safetensors({hub_key(k): v.detach().contiguous() for k, v in state.items()}, folder, max_shard_bytes)
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:

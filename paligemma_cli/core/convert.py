@@ -4,6 +4,9 @@ Three conversions, each ending in the Hugging Face folder layout (spec: "Checkpo
 - a big_vision `.npz` (the original JAX release) -> folder (`npz_convert` does the mapping);
 - a folder -> the same weights in another dtype and/or sharded;
 - a training run saved with `--lora-save adapter` -> its base model with the adapter folded in.
+Each can also store the decoder in int8 (`quantize="int8"`, see `core.quantize`): int8 weights and their
+scales in the safetensors, and a "quantization" entry in `config.json` that `load_model` reads. Such a
+folder loads only in this tool (transformers does not know the format).
 
 Every result goes through `checkpoint.save_model`, which writes a temporary sibling folder and renames
 it: a conversion that fails half-way (disk full, Ctrl-C) never leaves a folder that looks complete.
@@ -59,7 +62,7 @@ def parse_size(text: str | None) -> int | None:
 
 def convert_npz(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None,
                 tokenizer: str | Path | None = None, force: bool = False, max_shard_bytes: int | None = None,
-                progress: Progress = None, **overrides) -> Path:
+                progress: Progress = None, quantize: str | None = None, **overrides) -> Path:
     """big_vision `.npz` -> checkpoint folder. `tokenizer`: a SentencePiece file, or a folder holding
     `tokenizer.model`; the npz carries none. `overrides`: see `npz_convert.infer_config`."""
     from paligemma_cli.core.npz_convert import load_npz
@@ -68,6 +71,7 @@ def convert_npz(src: str | Path, dst: str | Path, dtype: torch.dtype | None = No
     tokenizer_file = _tokenizer_file(tokenizer)
     _say(progress, f"reading {src}")
     model = load_npz(src, dtype=dtype, progress=progress, **overrides)
+    model = _maybe_quantize(model, quantize, progress)
     if tokenizer_file is None:
         _say(progress, "warning: no --tokenizer given; copy the checkpoint's SentencePiece file into the folder "
                        "as tokenizer.model before using it")
@@ -82,20 +86,23 @@ def convert_npz(src: str | Path, dst: str | Path, dtype: torch.dtype | None = No
 
 
 def recast_folder(src: str | Path, dst: str | Path, dtype: torch.dtype | None, max_shard_bytes: int | None = None,
-                  force: bool = False, progress: Progress = None) -> Path:
-    """Checkpoint folder -> the same weights in `dtype` (None keeps them), optionally sharded."""
+                  force: bool = False, progress: Progress = None, quantize: str | None = None) -> Path:
+    """Checkpoint folder -> the same weights in `dtype` (None keeps them), optionally sharded and/or int8.
+
+    Quantizing happens while the weights are read, tensor by tensor from the memory-mapped file: the
+    float model is never held whole (see `load_model`)."""
     from paligemma_cli.core.checkpoint import check_folder, load_model
 
     src = check_folder(src)
     dst = _check_dst(dst, force)
-    _say(progress, f"reading {src}")
-    model = load_model(src, dtype=dtype)
+    _say(progress, f"reading {src}" + (" and quantizing its decoder to int8" if quantize else ""))
+    model = load_model(src, dtype=dtype, quantize=quantize)
     return _save(model, dst, progress, tokenizer_dir=src, max_shard_bytes=max_shard_bytes)
 
 
 def merge_lora_folder(adapter_folder: str | Path, dst: str | Path, base: str | Path | None = None,
                       dtype: torch.dtype | None = None, max_shard_bytes: int | None = None, force: bool = False,
-                      progress: Progress = None) -> Path:
+                      progress: Progress = None, quantize: str | None = None) -> Path:
     """A run saved with `--lora-save adapter` -> a plain model folder with the adapter folded in.
 
     The base is the folder named in `adapter_config.json` unless `base` is given. The result keeps the
@@ -106,6 +113,7 @@ def merge_lora_folder(adapter_folder: str | Path, dst: str | Path, base: str | P
 
     from paligemma_cli.core.checkpoint import check_folder, load_model
     from paligemma_cli.core.lora import apply_lora, lora_state_dict, merge_lora
+    from paligemma_cli.core.quantize import is_quantized
 
     adapter_folder = Path(adapter_folder).expanduser()
     config_file, weights_file = adapter_folder / "adapter_config.json", adapter_folder / "adapter_model.safetensors"
@@ -125,6 +133,9 @@ def merge_lora_folder(adapter_folder: str | Path, dst: str | Path, base: str | P
 
     _say(progress, f"reading base model {base}")
     model = load_model(base)
+    if is_quantized(model):
+        raise PaliGemmaError(f"the base model {base} is int8: merge the adapter into the float base it was "
+                             "trained on, then add --quantize int8 to this command")
     out_dtype = dtype or model.dtype
     # Fold in float32 so that the small update is not lost to rounding before the final cast.
     model = model.float()
@@ -141,16 +152,19 @@ def merge_lora_folder(adapter_folder: str | Path, dst: str | Path, base: str | P
     model.load_state_dict(adapter, strict=False)
     merge_lora(model).to(out_dtype)
     _say(progress, f"merged {len(expected) // 2} adapters")
+    model = _maybe_quantize(model, quantize, progress)
     tokenizer_dir = adapter_folder if (adapter_folder / "tokenizer.model").exists() else base
     return _save(model, dst, progress, tokenizer_dir=tokenizer_dir, max_shard_bytes=max_shard_bytes)
 
 
 def convert(src: str | Path, dst: str | Path, dtype: str | None = None, merge_lora: bool = False,
             base: str | Path | None = None, tokenizer: str | Path | None = None, max_shard_size: str | None = None,
-            force: bool = False, progress: Progress = None, **overrides) -> Path:
+            force: bool = False, progress: Progress = None, quantize: str | None = None, **overrides) -> Path:
     """Pick the conversion from what SRC is; what the `convert` command calls."""
+    from paligemma_cli.core.quantize import parse_quantize
+
     src = Path(src).expanduser()
-    torch_dtype, shard = parse_dtype(dtype), parse_size(max_shard_size)
+    torch_dtype, shard, quantize = parse_dtype(dtype), parse_size(max_shard_size), parse_quantize(quantize)
     gemma2_options = {k: v for k, v in overrides.items() if v is not None}
     if not src.exists():
         raise PaliGemmaError(f"'{src}' does not exist")
@@ -158,19 +172,20 @@ def convert(src: str | Path, dst: str | Path, dtype: str | None = None, merge_lo
         if merge_lora or base:
             raise PaliGemmaError("--merge-lora and --base take a training run folder, not a file")
         return convert_npz(src, dst, dtype=torch_dtype, tokenizer=tokenizer, force=force, max_shard_bytes=shard,
-                           progress=progress, **gemma2_options)
+                           progress=progress, quantize=quantize, **gemma2_options)
     if gemma2_options or tokenizer:
         given = ", ".join(f"--{k.replace('_', '-')}" for k in [*gemma2_options, *(["tokenizer"] if tokenizer else [])])
         raise PaliGemmaError(f"{given} only apply when converting a big_vision .npz file")
     if merge_lora:
         return merge_lora_folder(src, dst, base=base, dtype=torch_dtype, max_shard_bytes=shard, force=force,
-                                 progress=progress)
+                                 progress=progress, quantize=quantize)
     if base:
         raise PaliGemmaError("--base goes with --merge-lora")
     has_weights = (src / "model.safetensors").exists() or (src / "model.safetensors.index.json").exists()
     if (src / "adapter_config.json").exists() and not has_weights:
         raise PaliGemmaError(f"'{src}' holds a LoRA adapter: add --merge-lora to fold it into its base model")
-    return recast_folder(src, dst, torch_dtype, max_shard_bytes=shard, force=force, progress=progress)
+    return recast_folder(src, dst, torch_dtype, max_shard_bytes=shard, force=force, progress=progress,
+                         quantize=quantize)
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
@@ -179,6 +194,16 @@ def convert(src: str | Path, dst: str | Path, dtype: str | None = None, merge_lo
 def _say(progress: Progress, message: str) -> None:
     if progress:
         progress(message)
+
+
+def _maybe_quantize(model, quantize: str | None, progress: Progress):
+    """For the conversions that hold a float model anyway (.npz, merged LoRA): quantize it module by module."""
+    if not quantize:
+        return model
+    from paligemma_cli.core.quantize import quantize_model
+
+    _say(progress, "quantizing the decoder to int8")
+    return quantize_model(model)
 
 
 def _check_dst(dst: str | Path, force: bool) -> Path:
@@ -203,10 +228,14 @@ def _tokenizer_file(tokenizer: str | Path | None) -> Path | None:
 
 def _save(model, dst: Path, progress: Progress, **kwargs) -> Path:
     from paligemma_cli.core.checkpoint import save_model
+    from paligemma_cli.core.quantize import is_quantized
 
-    n = sum(p.numel() for p in model.parameters())
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
-    _say(progress, f"writing {dst} ({n / 1e6:.1f}M parameters, {size / 1e9:.2f} GB, {str(model.dtype).split('.')[-1]})")
+    # The state dict, not parameters(): an int8 model keeps its weights and scales as buffers.
+    state = model.state_dict()
+    n = sum(t.numel() for k, t in state.items() if not k.endswith(".scales"))
+    size = sum(t.numel() * t.element_size() for t in state.values())
+    kind = str(model.dtype).split(".")[-1] + (", decoder int8" if is_quantized(model) else "")
+    _say(progress, f"writing {dst} ({n / 1e6:.1f}M parameters, {size / 1e9:.2f} GB, {kind})")
     try:
         return save_model(model, dst, **kwargs)
     except OSError as e:

@@ -25,9 +25,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        w = self.weight
+        xf = x if x.dtype == torch.float32 else x.float()  # skip no-op casts: this runs 2L+1 times a forward
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * (1.0 + self.weight.float())).type_as(x)
+        y = y * (1.0 + (w if w.dtype == torch.float32 else w.float()))
+        return y if y.dtype == x.dtype else y.type_as(x)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -43,6 +45,66 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+class RopeTable:
+    """cos and sign-folded sin of positions 0..n-1, computed once and gathered per forward pass.
+
+    The same numbers as `rope_cos_sin` (the same float32 angle arithmetic), but a forward pass pays two
+    gathers instead of about a dozen small ops, which matters for a short question on a small model.
+    `sin_folded` is `sin` with the first half negated, so `apply_rope_folded` needs no negation:
+    `(-x2) * sin == x2 * (-sin)` exactly. Like gpt-fast's `freqs_cis` the table is precomputed, but it
+    grows by doubling as longer sequences come (from 256 positions), so a short chat never pays for
+    8192. It is kept per device and dtype and is not a parameter or a buffer: checkpoints do not see it.
+    """
+
+    def __init__(self, head_dim: int, theta: float):
+        self.head_dim, self.theta = head_dim, theta
+        self._tables: dict = {}
+
+    def lookup(self, positions: torch.Tensor, bound: int, dtype: torch.dtype):
+        """(cos, sin_folded), each (B, T, 1, head_dim), for positions (B, T) that are all below `bound`.
+
+        `bound` is a Python int, so that the size check never waits for the device.
+        """
+        key = (positions.device, dtype)
+        table = self._tables.get(key)
+        if table is None or table[0].shape[0] < bound:
+            n = max(256, 1 << (bound - 1).bit_length())
+            table = self._tables[key] = self._build(n, positions.device, dtype)
+        cos, sin = table
+        return cos[positions][:, :, None], sin[positions][:, :, None]
+
+    def _build(self, n: int, device, dtype):
+        # Plain tensors even when first needed under inference_mode, so that training can use them too.
+        with torch.inference_mode(False), torch.no_grad():
+            hd = self.head_dim
+            inv_freq = 1.0 / (self.theta ** (torch.arange(0, hd, 2, device=device).float() / hd))
+            freqs = torch.arange(n, device=device).float()[:, None] * inv_freq  # (n, hd/2)
+            emb = torch.cat((freqs, freqs), dim=-1)  # half-split, not interleaved
+            cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+            sin = torch.cat((-sin[:, : hd // 2], sin[:, hd // 2:]), dim=-1)
+            return cos, sin
+
+
+def apply_rope_folded(x: torch.Tensor, cos: torch.Tensor, sin_folded: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` with the rotation's sign already in `sin_folded` (see `RopeTable`)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((x2, x1), dim=-1) * sin_folded
+
+
+def attention_bias(mask: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean (B, 1, T, S) mask -> additive (B, 1, T*G, S) bias (0 or -inf), row t*G + g for query t.
+
+    `GemmaAttention` stacks the G query heads that share a kv head along the query axis, token-major,
+    so the mask row of each token is repeated G times. Built once per forward pass and shared by every
+    layer with the same window; it holds what SDPA itself makes of a boolean mask (0 where allowed,
+    -inf elsewhere), so the results are the same as passing the mask.
+    """
+    B, _, T, S = mask.shape
+    if groups > 1:
+        mask = mask[:, :, :, None].expand(B, 1, T, groups, S).reshape(B, 1, T * groups, S)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 class GemmaAttention(nn.Module):
     def __init__(self, cfg: TextConfig, layer_idx: int):
         super().__init__()
@@ -56,29 +118,33 @@ class GemmaAttention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x, cos, sin, bias, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """x: (B, T, D); cos, sin: (B, T, 1, hd) from `RopeTable`; bias: (B, 1, T*G, S) from `attention_bias`.
+
+        With `last_only`, keys and values are computed (and cached) for all T tokens but the query only
+        for the last one, and (B, 1, D) is returned; `bias` must then hold only the last token's G rows.
+        """
         B, T, _ = x.shape
         H, KV, hd = self.n_heads, self.n_kv, self.head_dim
         G = H // KV
-        q = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, KV, hd).transpose(1, 2)  # (B, KV, T, hd)
+        k = apply_rope_folded(self.k_proj(x).view(B, T, KV, hd), cos, sin).transpose(1, 2)  # (B, KV, T, hd)
         v = self.v_proj(x).view(B, T, KV, hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if last_only:
+            x, cos, sin, T = x[:, -1:], cos[:, -1:], sin[:, -1:], 1
+        q = apply_rope_folded(self.q_proj(x).view(B, T, H, hd), cos, sin)  # (B, T, H, hd)
         if cache is not None:
             k, v = cache.write(self.layer_idx, k, v)  # (B, KV, S, hd)
         # Grouped-query attention without repeating K/V: the G query heads that share a kv head are
-        # stacked along the query axis, so one batched matmul serves them all.
-        q = q.reshape(B, KV, G * T, hd)
-        S = k.shape[2]
-        mask = mask[:, :, None].expand(B, 1, G, T, S).reshape(B, 1, G * T, S)
+        # stacked along the query axis (row t*G + g), so one batched matmul serves them all. Token-major
+        # order makes this a view, not a copy, when there is one kv head (PaliGemma 1, the demo model).
+        q = q.view(B, T, KV, G, hd).transpose(1, 2).reshape(B, KV, T * G, hd)
         if self.softcap:
             scores = (q @ k.transpose(-1, -2)) * self.scale
-            scores = torch.tanh(scores / self.softcap) * self.softcap  # before the mask, as trained
-            scores = scores.masked_fill(~mask, float("-inf"))
+            scores = torch.tanh(scores / self.softcap) * self.softcap + bias  # cap before the mask, as trained
             y = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        y = y.view(B, KV, G, T, hd).reshape(B, H, T, hd).transpose(1, 2).reshape(B, T, H * hd)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        y = y.view(B, KV, T, G, hd).transpose(1, 2).reshape(B, T, H * hd)
         return self.o_proj(y)
 
 
@@ -109,8 +175,10 @@ class GemmaDecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps)
 
-    def forward(self, x, cos, sin, mask, cache=None) -> torch.Tensor:
-        a = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, bias, cache=None, last_only: bool = False) -> torch.Tensor:
+        a = self.self_attn(self.input_layernorm(x), cos, sin, bias, cache, last_only)
+        if last_only:  # only the last position goes on (its K/V for every position are in the cache)
+            x = x[:, -1:]
         if self.gemma2:
             h = x + self.post_attention_layernorm(a)
             return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
@@ -126,21 +194,37 @@ class GemmaDecoder(nn.Module):
         self.layers = nn.ModuleList(GemmaDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gradient_checkpointing = False
+        self.rope = RopeTable(cfg.head_dim, cfg.rope_theta)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         w = self.embed_tokens.weight
         # The normalizer is cast to the weight dtype first, as Gemma was trained (45.25, not 45.2548, in bf16).
         return F.embedding(ids, w) * torch.tensor(self.config.hidden_size**0.5, dtype=w.dtype)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, masks: dict, cache: KVCache | None = None):
-        """x: (B, T, D) input embeddings; positions: (B, T); masks: window -> (B, 1, T, S). Returns (B, T, D)."""
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        for layer in self.layers:
-            mask = masks[layer.window]
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, masks: dict, cache: KVCache | None = None,
+                last_only: bool = False):
+        """x: (B, T, D) input embeddings; positions: (B, T); masks: window -> (B, 1, T, S). Returns (B, T, D).
+
+        With `last_only` (incremental decoding, where only the last slot's logits are wanted) the last
+        layer computes its attention output and MLP for the last position only and (B, 1, D) is
+        returned; every layer's keys and values still reach the cache for all T positions.
+        """
+        B, T, _ = x.shape
+        # Without a cache a position counts the real tokens up to its slot, so it is at most T; with one,
+        # `PaliGemma.extend` has already advanced the host-side bound `KVCache.pos_bound` past these T.
+        bound = T + 1 if cache is None else cache.pos_bound
+        cos, sin = self.rope.lookup(positions, bound, x.dtype)
+        G = self.config.num_attention_heads // self.config.num_key_value_heads
+        biases = {w: attention_bias(m, G, x.dtype) for w, m in masks.items()}
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            bias = biases[layer.window]
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, bias, use_reentrant=False)
+            elif last_only and i == last:  # the last token's G rows of the stacked bias
+                x = layer(x, cos, sin, bias[:, :, -G:], cache, True)
             else:
-                x = layer(x, cos, sin, mask, cache)
+                x = layer(x, cos, sin, bias, cache)
         return self.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -77,13 +77,14 @@ def generate_tokens(model, batch: dict, opts: SamplingOptions, eos_id: int = 1, 
     with torch.inference_mode():
         logits = model.extend(cache, ids, batch.get("pixel_values"), batch.get("token_type_ids"),
                               batch.get("attention_mask"))
-        done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+        done = None  # (B,) bool once the first token is out: the first one is yielded as soon as sampled
         for step in range(opts.max_new_tokens):
             token = sample(logits, opts, generator)
-            token = token.masked_fill(done, pad_id)
-            done = done | (token == eos_id)
+            if done is not None:
+                token = token.masked_fill(done, pad_id)
             yield token
-            if bool(done.all()) or step == opts.max_new_tokens - 1:
+            done = token == eos_id if done is None else done | (token == eos_id)
+            if step == opts.max_new_tokens - 1 or bool(done.all()):
                 return
             logits = model.extend(cache, token[:, None])
 

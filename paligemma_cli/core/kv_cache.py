@@ -22,6 +22,11 @@ class KVCache:
     prefix:     (B, max_len) bool, slot is in the image+prefix block (token_type 0).
     next_pos:   (B,) long, the RoPE position the next token of each row gets.
     length:     slots filled so far (same for every row: padding keeps rows aligned).
+    pos_bound:  a host-side upper bound on `next_pos` (RoPE tables are sized from it without a sync).
+
+    Going back to an earlier state (`snapshot` / `restore`, e.g. to ask another question about the same
+    image prefix) only resets `length`, the slot flags past it and `next_pos`: the keys and values are
+    neither copied nor cleared, since slots past `length` are masked out and overwritten when reused.
     """
 
     k: list[torch.Tensor]
@@ -30,6 +35,7 @@ class KVCache:
     prefix: torch.Tensor
     next_pos: torch.Tensor
     length: int = 0
+    pos_bound: int = 1
 
     @classmethod
     def allocate(cls, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int,
@@ -55,14 +61,14 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def truncate(self, length: int) -> None:
-        """Forget every slot from `length` on, e.g. to ask a new question about the same image prefix."""
+        """Forget every slot from `length` on (flags only; `restore` also resets the next positions)."""
         self.valid[:, length:] = False
         self.prefix[:, length:] = False
         self.length = length
 
-    def resized(self, max_len: int, snap: tuple[int, torch.Tensor]) -> "KVCache":
+    def resized(self, max_len: int, snap: tuple[int, torch.Tensor, int]) -> "KVCache":
         """A cache of `max_len` slots holding this one's state as of `snap`, e.g. to fit a longer prompt."""
-        length, next_pos = snap
+        length, next_pos, pos_bound = snap
         k0 = self.k[0]
         new = KVCache.allocate(len(self.k), k0.shape[0], k0.shape[1], k0.shape[3], max_len, k0.dtype, k0.device)
         for layer in range(len(self.k)):
@@ -70,14 +76,17 @@ class KVCache:
             new.v[layer][:, :, :length] = self.v[layer][:, :, :length]
         new.valid[:, :length] = self.valid[:, :length]
         new.prefix[:, :length] = self.prefix[:, :length]
-        new.length = length
+        new.length, new.pos_bound = length, pos_bound
         new.next_pos.copy_(next_pos)
         return new
 
-    def snapshot(self) -> tuple[int, torch.Tensor]:
-        return self.length, self.next_pos.clone()
+    def snapshot(self) -> tuple[int, torch.Tensor, int]:
+        """The state to come back to: the length and next positions only (no keys or values are copied)."""
+        return self.length, self.next_pos.clone(), self.pos_bound
 
-    def restore(self, snap: tuple[int, torch.Tensor]) -> None:
-        length, next_pos = snap
+    def restore(self, snap: tuple[int, torch.Tensor, int]) -> None:
+        """Go back to `snap`: O(slots past it) flag updates, however long the cached prefix is."""
+        length, next_pos, pos_bound = snap
         self.truncate(length)
         self.next_pos.copy_(next_pos)
+        self.pos_bound = pos_bound

@@ -45,16 +45,21 @@ class Pipeline:
     last: GenerationStats = field(default_factory=GenerationStats)
 
     @classmethod
-    def load(cls, folder: str | Path, device: str = "auto", dtype: str = "auto") -> "Pipeline":
+    def load(cls, folder: str | Path, device: str = "auto", dtype: str = "auto",
+             quantize: str | None = "none") -> "Pipeline":
+        """Model, tokenizer and processor of a checkpoint folder. `quantize="int8"`: int8 decoder weights
+        (see `core.quantize`), made while loading; a folder saved quantized is int8 either way."""
+        from paligemma_cli.core.checkpoint import load_model
         from paligemma_cli.core.device import pick_device, pick_dtype
-        from paligemma_cli.core.paligemma import PaliGemma
         from paligemma_cli.core.processor import PaliGemmaProcessor
+        from paligemma_cli.core.quantize import parse_quantize
         from paligemma_cli.core.tokenizer import PaliGemmaTokenizer
 
         t0 = time.perf_counter()
         folder = Path(folder)
+        quantize = parse_quantize(quantize)
         dev = pick_device(device)
-        model = PaliGemma.from_pretrained(folder, dtype=pick_dtype(dtype, dev), device=dev)
+        model = load_model(folder, dtype=pick_dtype(dtype, dev), device=dev, quantize=quantize)
         tokenizer = PaliGemmaTokenizer.from_folder(folder)
         if tokenizer.image_token_id != model.config.image_token_id:
             raise PaliGemmaError(

@@ -43,8 +43,10 @@ BACKGROUND = (255, 255, 255)
 
 MIN_SHAPES, MAX_SHAPES = 1, len(SHAPES)  # distinct types per scene caps the count at len(SHAPES)
 
-# Shape side as a fraction of the image: 14..27 px at 64 px, i.e. about 2-3 patches of 8 px.
-MIN_SIDE, MAX_SIDE = 0.22, 0.42
+# Shape side as a fraction of the image: 19..29 px at 64 px, i.e. 2.5-3.5 patches of 8 px. At 14 px a circle
+# and a square differ by a few corner pixels inside one patch; a 5M model trained for an hour then knew each
+# colour but not which shape wore it (every colour error named another shape's colour).
+MIN_SIDE, MAX_SIDE = 0.30, 0.45
 GAP = 2  # empty pixels kept between any two shapes' boxes, so blobs never touch
 
 # Fixed task mix, as a repeating block of 10 so the proportions are exact in every 10 examples:

@@ -96,3 +96,29 @@ class SiglipVisionTower(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) in [-1, 1] -> (B, N, D) patch states."""
         return self.post_layernorm(self.encoder(self.embeddings(pixel_values)))
+
+
+@torch.no_grad()
+def init_siglip_weights(module: nn.Module) -> None:
+    """Random init for training a SigLIP tower from scratch, as big_vision and HF `SiglipModel` do it.
+
+    LeCun normal for the patch stem and plain linears and 1/sqrt(width) for embedding tables keep
+    activations at unit scale; Xavier inside the transformer blocks gives attention logits that are not
+    all zero at step 0, so patches attend to their neighbours from the start instead of to the mean.
+    """
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.normal_(m.weight, std=m.weight[0].numel() ** -0.5)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=m.weight.shape[1] ** -0.5)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    for m in module.modules():  # second pass, so Xavier wins inside the blocks
+        if isinstance(m, SiglipAttention):
+            for lin in (m.q_proj, m.k_proj, m.v_proj, m.out_proj):
+                nn.init.xavier_uniform_(lin.weight)
+        elif isinstance(m, SiglipMLP):
+            nn.init.xavier_uniform_(m.fc1.weight)
+            nn.init.xavier_uniform_(m.fc2.weight)

@@ -29,7 +29,7 @@ from paligemma_cli.core.checkpoint import replace_folder, weight_files, write_sa
 from paligemma_cli.core.config import VisionConfig
 from paligemma_cli.core.contrastive_loss import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE
 from paligemma_cli.core.errors import PaliGemmaError
-from paligemma_cli.core.siglip import SiglipAttention, SiglipEncoder, SiglipMLP, SiglipVisionTower
+from paligemma_cli.core.siglip import SiglipEncoder, SiglipMLP, SiglipVisionTower, init_siglip_weights
 
 __all__ = ["DualEncoder", "MapHead", "SiglipConfig", "SiglipTextConfig", "SiglipTextTower", "SiglipVisionWithHead",
            "SIGLIP_PRESETS"]
@@ -270,24 +270,9 @@ class DualEncoder(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Random init as big_vision / HF `SiglipModel` do it, for training from scratch."""
+        init_siglip_weights(self)
         for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):  # LeCun normal keeps activation variance ~1 per layer
-                nn.init.normal_(m.weight, std=m.weight[0].numel() ** -0.5)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, std=m.weight.shape[1] ** -0.5)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        # Inside the transformer blocks and the head both references use Xavier instead (second pass, so it wins).
-        for m in self.modules():
-            if isinstance(m, SiglipAttention):
-                for lin in (m.q_proj, m.k_proj, m.v_proj, m.out_proj):
-                    nn.init.xavier_uniform_(lin.weight)
-            elif isinstance(m, SiglipMLP):
-                nn.init.xavier_uniform_(m.fc1.weight)
-                nn.init.xavier_uniform_(m.fc2.weight)
-            elif isinstance(m, MapHead):
+            if isinstance(m, MapHead):
                 nn.init.xavier_uniform_(m.probe)
                 nn.init.xavier_uniform_(m.attention.in_proj_weight)
                 nn.init.zeros_(m.attention.in_proj_bias)

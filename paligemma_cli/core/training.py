@@ -164,37 +164,45 @@ class BatchOrder:
 
 
 def suffix_loss(model, batch: dict) -> torch.Tensor:
-    """Mean cross-entropy of the suffix and <eos> tokens; logits only where a label exists."""
+    """Cross-entropy of the suffix and <eos> tokens: averaged within each example, then over examples.
+
+    big_vision's PaliGemma trainer normalises per example too: a one-word answer then weighs as much
+    as a twenty-token caption, instead of captions drowning out the short VQA answers.
+    """
     labels = batch["labels"][:, 1:]
     h = model.hidden_states(batch["input_ids"], batch["pixel_values"], batch["token_type_ids"],
                             batch["attention_mask"])[:, :-1]
     keep = labels != -100
     logits = model.language_model.logits(h[keep])
-    return F.cross_entropy(logits.float(), labels[keep])
+    per_token = F.cross_entropy(logits.float(), labels[keep], reduction="none")
+    counts = keep.sum(1)
+    per_example = torch.zeros(len(labels), device=per_token.device).index_add_(0, keep.nonzero()[:, 0], per_token)
+    has_suffix = counts > 0
+    return (per_example[has_suffix] / counts[has_suffix]).mean()
 
 
 def init_weights(model, seed: int) -> None:
-    """Small normal weights (unit-scale vision positions), zero biases and identity norms, from scratch."""
-    from torch import nn
-
+    """Random weights for training from scratch: the vision tower as SigLIP initialises it (but unit-scale
+    positions), the projector and the Gemma decoder from N(0, 0.02) (Gemma's initializer_range), RMSNorms
+    at identity."""
     from paligemma_cli.core.gemma import RMSNorm
+    from paligemma_cli.core.siglip import init_siglip_weights
 
-    layer_norms = {n for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)}
     rms_norms = {n for n, m in model.named_modules() if isinstance(m, RMSNorm)}
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        init_siglip_weights(model.vision_tower)
+        # Unit-scale positions, as nn.Embedding's default: at SigLIP's 1/sqrt(width) they are small beside the
+        # patch content, attention smooths all patches alike, and the model cannot tell which shape is where.
+        model.vision_tower.embeddings.position_embedding.weight.normal_(0, 1)
         for name, p in model.named_parameters():
+            if name.startswith("vision_tower."):
+                continue
             owner, kind = name.rsplit(".", 1)
-            if owner in layer_norms:
-                p.fill_(1.0 if kind == "weight" else 0.0)
-            elif owner in rms_norms or kind == "bias":
+            if owner in rms_norms or kind == "bias":
                 p.zero_()  # RMSNorm scales by (1 + w): zero is the identity
-            elif name == "vision_tower.embeddings.position_embedding.weight":
-                # Unit scale, as nn.Embedding's default: at 0.02 the positions drown in the patch content,
-                # attention smooths all patches alike, and the model cannot tell which shape is where.
-                p.copy_(torch.randn(p.shape, generator=g))
             else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+                p.normal_(0, 0.02)
 
 
 def pick_autocast(precision: str, device: torch.device) -> torch.dtype | None:
@@ -265,6 +273,11 @@ class Trainer:
 
         cfg = self.cfg
         if cfg.model:
+            from paligemma_cli.core.checkpoint import stored_quantization
+
+            if stored_quantization(Path(cfg.model)):
+                raise PaliGemmaError(f"'{cfg.model}' holds int8 weights, which cannot be trained; "
+                                     "train from the bf16 or float32 folder it was converted from")
             self.tokenizer_dir = Path(cfg.model)
             self.model = PaliGemma.from_pretrained(cfg.model, dtype=torch.float32, device=self.device)
             self.tokenizer = PaliGemmaTokenizer.from_folder(cfg.model)
