@@ -33,6 +33,7 @@ def main() -> None:
     from paligemma_cli.core.config import PaliGemmaConfig
     from paligemma_cli.core.paligemma import PaliGemma
     from paligemma_cli.core.shapes import write_dataset
+    from paligemma_cli.core.tokenizer import PaliGemmaTokenizer
     from paligemma_cli.core.tokenizer_training import train_tokenizer
 
     work = Path(args.work)
@@ -42,11 +43,14 @@ def main() -> None:
         t0 = time.perf_counter()
         data = write_dataset(work / "data", n=16, seed=0, image_size=cfg.image_size)
         # A real vocabulary needs the real tokenizer; a small one with the same special layout is enough
-        # here, with <image> at the published id so the embedding has the published shape.
+        # here. The embedding keeps the published shape (257216 rows); only <image>'s id follows the
+        # small tokenizer, as `train` checks that the two agree.
         texts = [json.loads(l)["suffix"] for l in data.read_text().splitlines()]
         tok_dir = work / "tok"
         tok_dir.mkdir(parents=True, exist_ok=True)
         train_tokenizer(texts, tok_dir / "tokenizer.model", vocab_size=320)
+        image_token_id = PaliGemmaTokenizer.from_file(tok_dir / "tokenizer.model").image_token_id
+        cfg = PaliGemmaConfig.from_name(args.config, image_token_id=image_token_id)
         with torch.device("meta"):
             model = PaliGemma(cfg)
         model = model.to_empty(device="cpu").to(torch.bfloat16)
