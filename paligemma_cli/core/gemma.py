@@ -227,9 +227,12 @@ class GemmaDecoder(nn.Module):
                 x = layer(x, cos, sin, bias, cache)
         return self.norm(x)
 
+    def output_head(self, h: torch.Tensor) -> torch.Tensor:
+        return h @ self.embed_tokens.weight.T
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """(…, D) -> (…, vocab) through the tied embedding, soft-capped on Gemma 2."""
-        logits = h @ self.embed_tokens.weight.T
+        logits = self.output_head(h)
         cap = self.config.final_logit_softcapping if self.config.is_gemma2 else None
         if cap:
             logits = torch.tanh(logits / cap) * cap

@@ -13,7 +13,7 @@ table is tied to the output head; it is kept once, in int8, and serves both: the
 and a lookup dequantizes just the rows it reads. That is the smallest choice: a float copy kept for the
 lookup would cost 2 more bytes per entry (1 GB for PaliGemma 3B's 257216 x 2048 bf16 table).
 
-`gemma.py` reads `embed_tokens.weight` directly in `embed` and `logits`; `quantize_model` therefore also
+`gemma.py` reads `embed_tokens.weight` directly in `embed` and `output_head`; `quantize_model` therefore also
 swaps the class of the decoder (and of the model, whose `dtype` reads that table) for the subclasses
 below, which route both through the int8 table.
 """
@@ -175,12 +175,8 @@ class QuantizedGemmaDecoder(GemmaDecoder):
         # As GemmaDecoder.embed: the normalizer is cast to the activation dtype first.
         return x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        logits = self.embed_tokens.head(h)
-        cap = self.config.final_logit_softcapping if self.config.is_gemma2 else None
-        if cap:  # as GemmaDecoder.logits
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+    def output_head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens.head(h)
 
 
 class QuantizedPaliGemma(PaliGemma):
