@@ -33,9 +33,11 @@ def load_pipeline(model: str | None, device: str, dtype: str, console=None, quan
 
 
 def _int8_in_float32_on_cpu(model) -> bool:
+    import torch
+
     from paligemma_cli.core.quantize import is_quantized
 
-    return is_quantized(model) and model.device.type == "cpu" and str(model.dtype) == "torch.float32"
+    return is_quantized(model) and model.device.type == "cpu" and model.dtype == torch.float32
 
 
 def sampling_options(max_tokens: int, temperature: float = 0.0, top_k=None, top_p=None, seed=None):

@@ -74,9 +74,7 @@ class ChatSession:
 
     def __post_init__(self) -> None:
         # A one-time weight layout change that speeds up every question, the first one included.
-        use_fast_layout = getattr(self.pipeline.model, "use_fast_cpu_layout", None)
-        if use_fast_layout is not None:
-            use_fast_layout()
+        self.pipeline.model.use_fast_cpu_layout()
 
     # --- state --------------------------------------------------------------------------------
 

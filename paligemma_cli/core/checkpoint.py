@@ -115,7 +115,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: torch
     `dtype` is the activation dtype; by default the checkpoint's.
     """
     from paligemma_cli.core.paligemma import PaliGemma
-    from paligemma_cli.core.quantize import parse_quantize, quantize_model, quantize_per_channel
+    from paligemma_cli.core.quantize import parse_quantize, quantize_model
 
     folder = check_folder(path)
     cfg = PaliGemmaConfig.from_json(folder / "config.json")

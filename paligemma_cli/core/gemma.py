@@ -40,11 +40,6 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: to
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
 class RopeTable:
     """cos and sign-folded sin of positions 0..n-1, computed once and gathered per forward pass.
 
@@ -76,17 +71,15 @@ class RopeTable:
     def _build(self, n: int, device, dtype):
         # Plain tensors even when first needed under inference_mode, so that training can use them too.
         with torch.inference_mode(False), torch.no_grad():
-            hd = self.head_dim
-            inv_freq = 1.0 / (self.theta ** (torch.arange(0, hd, 2, device=device).float() / hd))
-            freqs = torch.arange(n, device=device).float()[:, None] * inv_freq  # (n, hd/2)
-            emb = torch.cat((freqs, freqs), dim=-1)  # half-split, not interleaved
-            cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
-            sin = torch.cat((-sin[:, : hd // 2], sin[:, hd // 2:]), dim=-1)
-            return cos, sin
+            cos, sin = rope_cos_sin(torch.arange(n, device=device)[None], self.head_dim, self.theta, dtype)
+            cos, sin = cos[0, 0], sin[0, 0]  # (n, hd)
+            half = self.head_dim // 2
+            return cos, torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
 
 
 def apply_rope_folded(x: torch.Tensor, cos: torch.Tensor, sin_folded: torch.Tensor) -> torch.Tensor:
-    """`apply_rope` with the rotation's sign already in `sin_folded` (see `RopeTable`)."""
+    """Rotary embedding, half-split: `x * cos + rotate_half(x) * sin`, with rotate_half's sign already
+    in `sin_folded` (see `RopeTable`)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((x2, x1), dim=-1) * sin_folded
 
