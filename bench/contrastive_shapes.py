@@ -30,23 +30,9 @@ import torch  # noqa: E402
 from paligemma_cli.core.contrastive_training import run_contrastive_training  # noqa: E402
 from paligemma_cli.core.dataset import read_jsonl  # noqa: E402
 from paligemma_cli.core.retrieval import evaluate_retrieval, match_matrix  # noqa: E402
-from paligemma_cli.core.shapes import caption, make_scene, render  # noqa: E402
+from paligemma_cli.core.shapes import write_dataset  # noqa: E402
 from paligemma_cli.core.siglip_dual_encoder import DualEncoder  # noqa: E402
 from paligemma_cli.core.siglip_tokenizer import SiglipTokenizer  # noqa: E402
-
-
-def write_captions(folder: Path, n: int, seed: int, size: int) -> Path:
-    """n scenes, one caption line each (not `write_dataset`'s task mix, where only 20 % are captions)."""
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i in range(n):
-        scene = make_scene(seed, i, size)
-        render(scene).save(folder / "images" / f"{i:06d}.png")
-        lines.append(json.dumps({"image": f"images/{i:06d}.png", "prefix": "caption en", "suffix": caption(scene),
-                                 "task": "caption"}))
-    path = folder / "data.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def main() -> None:
@@ -68,8 +54,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     work = Path(tempfile.mkdtemp(prefix="contrastive-shapes-"))
-    train = write_captions(work / "train", args.n_train, seed=0, size=args.image_size)
-    test = write_captions(work / "test", args.n_test, seed=1, size=args.image_size)
+    # Caption lines only (in the full task mix only 20 % are captions); the same files as
+    # `paligemma demo-data DIR --n N --seed S --task caption`.
+    train = write_dataset(work / "train", args.n_train, seed=0, image_size=args.image_size, tasks=["caption"])
+    test = write_dataset(work / "test", args.n_test, seed=1, image_size=args.image_size, tasks=["caption"])
     out = args.out or work / "run"
 
     t0 = time.perf_counter()

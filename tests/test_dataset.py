@@ -106,7 +106,25 @@ def test_command_refuses_a_non_empty_folder_without_force(invoke, tmp_path):
     assert (tmp_path / "keep.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize("args, message", [(["--n", 0], "--n must be at least 1"), (["--image-size", 16], "--image-size")])
+def test_command_task_keeps_only_those_tasks(invoke, tmp_path):
+    """`--task caption` writes the caption lines of scenes 0..n-1 (the pairs contrastive training uses);
+    two tasks keep their 20 % : 10 % proportion from the full mix."""
+    from paligemma_cli.core.shapes import caption, make_scene
+
+    result = invoke(tmp_path / "caps", "--n", 12, "--seed", 3, "--task", "caption")
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in (tmp_path / "caps" / "data.jsonl").read_text().splitlines()]
+    assert [ln["suffix"] for ln in lines] == [caption(make_scene(3, i)) for i in range(12)]
+    assert {ln["prefix"] for ln in lines} == {"caption en"}
+
+    result = invoke(tmp_path / "two", "--n", 30, "--task", "caption", "--task", "count")
+    assert result.exit_code == 0, result.output
+    tasks = [ex["task"] for ex in map(json.loads, (tmp_path / "two" / "data.jsonl").read_text().splitlines())]
+    assert tasks.count("caption") == 20 and tasks.count("count") == 10
+
+
+@pytest.mark.parametrize("args, message", [(["--n", 0], "--n must be at least 1"), (["--image-size", 16], "--image-size"),
+                                           (["--task", "colour"], "unknown task(s) colour; choose from")])
 def test_command_rejects_bad_options(invoke, tmp_path, args, message):
     result = invoke(tmp_path / "x", *args)
     assert result.exit_code == 1 and message in result.stderr

@@ -172,3 +172,33 @@ def test_training_on_detection_answers(tmp_path):
     learned = [tok.sp.id_to_piece(i) for i in range(tok.loc_token(0))]
     assert "loc" not in learned and "><" not in learned
     assert tok.encode(answers[0])[:4] == [tok.loc_token(i) for i in (1, 2, 3, 4)]
+
+
+def shapes_texts(n: int = 400) -> list[str]:
+    """Every prefix and suffix of n shapes-world scenes: the text a demo-model tokenizer is trained on."""
+    from paligemma_cli.core.shapes import make_scene, scene_examples
+
+    return [f"{e['prefix']}\n{e['suffix']}" for i in range(n) for e in scene_examples(make_scene(0, i))]
+
+
+def test_demo_config_tokenizer_learns_whole_words(tmp_path):
+    """At the demo config's vocabulary size, every shapes-world word is one piece.
+
+    The demo model once used 320 pieces, of which 256 are byte fallbacks: "shapes" became six letters,
+    questions 22 tokens instead of 8, and a 4-layer decoder spent its depth spelling."""
+    import re
+
+    import yaml
+
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    vocab = yaml.safe_load(config.read_text())["tokenizer_vocab_size"]
+    texts = shapes_texts()
+    tok = PaliGemmaTokenizer.from_file(train_tokenizer(texts, tmp_path / "t.model", vocab_size=vocab))
+    words = {w for t in texts for w in re.findall(r"[a-z]+", re.sub(r"<(loc|seg)\d+>", " ", t))}
+    assert {"yellow", "triangle", "shapes", "left", "caption", "detect"} <= words
+    for text in texts:
+        pieces = [tok.sp.id_to_piece(i) for i in tok.encode(text)]
+        assert all(p.lstrip("▁") in words for p in pieces if re.search("[a-z]", p) and not p.startswith("<")), pieces
+    assert len(tok.encode("answer en how many shapes are there?\n")) == 9  # 7 words, "?", "\n"

@@ -244,6 +244,22 @@ def test_cli_flags_override_yaml_and_the_resolved_config_is_saved(data, tmp_path
     one_line_error(run("--config", cfg_file, "--out", out), "already holds a run")
 
 
+def test_cli_max_length_reaches_both_trainers(data, tmp_path):
+    """--max-length: the text positions of a dual encoder trained from scratch; the tokens per example
+    of a captioning run."""
+    result = run(data, "--objective", "siglip", "--model-config", "siglip-tiny-32", "--max-length", 12,
+                 "--steps", 1, "--batch-size", 4, "--out", tmp_path / "sig")
+    assert result.exit_code == 0, result.output
+    positions = json.loads((tmp_path / "sig" / "config.json").read_text())["text_config"]["max_position_embeddings"]
+    assert positions == 12
+    result = run("--config", write_yaml(tmp_path / "c.yaml", data), "--max-length", 60, "--steps", 1,
+                 "--out", tmp_path / "cap")
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load((tmp_path / "cap" / "train_config.yaml").read_text())["max_length"] == 60
+    one_line_error(run("--config", tmp_path / "c.yaml", "--max-length", 20, "--out", tmp_path / "short"),
+                   "this model allows at most 20")
+
+
 def test_cli_config_errors_are_one_line(data, tmp_path):
     one_line_error(run("--config", write_yaml(tmp_path / "bad.yaml", data, step=3), "--out", tmp_path / "r"),
                    "unknown setting(s) step")
@@ -377,7 +393,5 @@ def test_sigterm_saves_like_ctrl_c(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "interrupted: saved step" in err
-    import torch
-
     state = torch.load(out / "trainer_state.pt", weights_only=False)
     assert state["step"] >= 1 and (out / "model.safetensors").exists()

@@ -6,7 +6,7 @@ Only typer and the standard library are imported at the top, so `paligemma --hel
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -16,11 +16,14 @@ def demo_data(
     n: Annotated[int, typer.Option("--n", help="Number of examples (one new image each).")] = 20000,
     seed: Annotated[int, typer.Option("--seed", help="Same seed, same bytes. Use different seeds for train and eval.")] = 0,
     image_size: Annotated[int, typer.Option("--image-size", help="Side of the square images in pixels.")] = 64,
+    task: Annotated[Optional[list[str]], typer.Option("--task", help="Only this task (repeat for several): detect, caption, color, spatial, count.", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Write into OUT even if it is not empty.")] = False,
 ) -> None:
     """Write a synthetic shapes dataset: 1-3 coloured circles, squares and triangles per image.
 
     Each example is one new image and one task: detect 30%, caption 20%, color 20%, left/right 20%, count 10%.
+    With --task, only those tasks (in the same proportions to each other): `--task caption` writes
+    image-caption pairs for contrastive training.
 
     Writes OUT/images/*.png and OUT/data.jsonl, one {"image", "prefix", "suffix", "task"} per line.
 
@@ -31,6 +34,8 @@ def demo_data(
         paligemma demo-data data/shapes-train --n 20000 --seed 0
 
         paligemma demo-data data/shapes-eval --n 500 --seed 1
+
+        paligemma demo-data data/shapes-captions --n 60000 --seed 0 --task caption
     """
     from paligemma_cli.core.errors import PaliGemmaError
 
@@ -38,6 +43,12 @@ def demo_data(
         raise PaliGemmaError(f"--n must be at least 1, got {n}")
     if not 32 <= image_size <= 1024:
         raise PaliGemmaError(f"--image-size must be between 32 and 1024 pixels, got {image_size}")
+    from paligemma_cli.core.shapes import task_cycle
+
+    try:
+        task_cycle(task)
+    except ValueError as e:
+        raise PaliGemmaError(f"--task: {e}") from None
     if out.exists() and not out.is_dir():
         raise PaliGemmaError(f"{out} exists and is not a folder; choose another path")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -58,5 +69,6 @@ def demo_data(
     )
     with progress:
         bar = progress.add_task("write", total=n)
-        path = write_dataset(out, n, seed, image_size, progress=lambda done, _: progress.update(bar, completed=done))
+        path = write_dataset(out, n, seed, image_size, progress=lambda done, _: progress.update(bar, completed=done),
+                             tasks=task)
     typer.echo(str(path))

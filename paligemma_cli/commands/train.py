@@ -38,6 +38,7 @@ def train(
     eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Steps between validation losses (0: never).")] = None,
     save_every: Annotated[Optional[int], typer.Option("--save-every", help="Steps between checkpoints.")] = None,
     log_every: Annotated[Optional[int], typer.Option("--log-every", help="Steps between lines in metrics.jsonl (and on a non-terminal stderr).")] = None,
+    max_length: Annotated[Optional[int], typer.Option("--max-length", min=2, help="Tokens per example: image + prompt + answer (a longer example stops the run with an error), or with --objective siglip/clip the text positions of a model trained from scratch. Default: the model's limit.")] = None,
     init_vision: Annotated[Optional[str], typer.Option("--init-vision", help="Start the vision tower from this checkpoint (e.g. a SigLIP trained with --objective siglip).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out where it stopped.")] = False,
     device: DeviceOpt = "auto",
@@ -76,7 +77,8 @@ def train(
                  warmup_steps=warmup_steps, schedule=schedule, clip=clip, trainable=trainable, lora_r=lora_r,
                  lora_alpha=lora_alpha, lora_save=lora_save, precision=precision,
                  gradient_checkpointing=gradient_checkpointing, seed=seed, eval_every=eval_every,
-                 save_every=save_every, log_every=log_every, init_vision=init_vision)
+                 save_every=save_every, log_every=log_every, init_vision=init_vision,
+                 max_length=max_length)
     for key, value in flags.items():
         if value is not None:
             settings[key] = str(value) if isinstance(value, Path) else value

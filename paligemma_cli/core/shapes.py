@@ -24,7 +24,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from PIL import Image, ImageDraw
 
@@ -201,13 +201,30 @@ def scene_examples(scene: Scene) -> list[dict]:
     return ex
 
 
-def task_for(index: int) -> str:
-    return TASK_CYCLE[index % len(TASK_CYCLE)]
+TASKS = tuple(dict.fromkeys(TASK_CYCLE))
 
 
-def make_example(seed: int, index: int, size: int = 64) -> tuple[Scene, dict]:
-    """Example number `index` of the dataset for `seed`: its own scene and one question about it."""
-    task = task_for(index)
+def task_cycle(tasks: Sequence[str] | None = None) -> tuple[str, ...]:
+    """TASK_CYCLE kept to `tasks` (in their proportions to each other); all of it for None."""
+    if tasks is None:
+        return TASK_CYCLE
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown or not tasks:
+        raise ValueError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    return tuple(t for t in TASK_CYCLE if t in tasks)
+
+
+def task_for(index: int, cycle: tuple[str, ...] = TASK_CYCLE) -> str:
+    return cycle[index % len(cycle)]
+
+
+def make_example(seed: int, index: int, size: int = 64,
+                 cycle: tuple[str, ...] = TASK_CYCLE) -> tuple[Scene, dict]:
+    """Example number `index` of the dataset for `seed`: its own scene and one question about it.
+
+    Scene `index` depends only on the seed, the index and whether the task needs two shapes, so a
+    captions-only file (`cycle=("caption",)`) shows the scenes `make_scene(seed, i)`."""
+    task = task_for(index, cycle)
     # A spatial question needs two shapes; asking for them here keeps the task mix exact.
     scene = make_scene(seed, index, size, min_shapes=2 if task == "spatial" else MIN_SHAPES)
     choices = [e for e in scene_examples(scene) if e["task"] == task]
@@ -220,21 +237,24 @@ def write_dataset(
     seed: int,
     image_size: int = 64,
     progress: Callable[[int, int], None] | None = None,
+    tasks: Sequence[str] | None = None,
 ) -> Path:
     """Write `n` examples, one scene image each, to `out_dir`; return the path of `data.jsonl`.
 
     Layout: `images/000000.png`, ... and `data.jsonl` with one line per example:
     `{"image": "images/000000.png", "prefix": ..., "suffix": ..., "task": ...}` (image path relative
-    to the jsonl). Tasks follow TASK_CYCLE. Written one example at a time, never all in memory;
+    to the jsonl). Tasks follow TASK_CYCLE, kept to `tasks` when given (e.g. ["caption"] for
+    image-caption pairs). Written one example at a time, never all in memory;
     `progress(done, n)` is called after each. Same arguments -> byte-identical data.jsonl and PNGs.
     """
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     final = out_dir / "data.jsonl"
+    cycle = task_cycle(tasks)
     partial = out_dir / "data.jsonl.partial"  # renamed at the end: a data.jsonl is always complete
     with partial.open("w", encoding="utf-8", newline="\n") as f:
         for i in range(n):
-            scene, example = make_example(seed, i, image_size)
+            scene, example = make_example(seed, i, image_size, cycle)
             name = f"images/{i:06d}.png"
             render(scene).save(out_dir / name, format="PNG")
             f.write(json.dumps({"image": name, **example}, ensure_ascii=False) + "\n")

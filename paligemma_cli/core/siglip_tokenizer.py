@@ -93,9 +93,13 @@ class SiglipTokenizer:
 
 
 def train_siglip_tokenizer(texts: Iterable[str], out_path: str | Path, vocab_size: int = 1000) -> Path:
-    """Train a unigram SentencePiece model on canonicalised `texts`, in SigLIP's layout, and write it.
+    """Train a BPE SentencePiece model on canonicalised `texts`, in SigLIP's layout, and write it.
 
     Layout: 0 `<pad>`, 1 `</s>`, 2 `<unk>`, no `<bos>` (as `google/siglip-*`'s `spiece.model`).
+    BPE, not the unigram model SigLIP's own file holds: on a small, repetitive corpus such as the shapes
+    captions, the unigram trainer stopped at 30 pieces, split "yellow" into letters and mapped "h" and
+    "f" to `<unk>` ("left" and "the" lost letters); BPE learns every word as one piece. The file format
+    and the layout are the same either way.
     `vocab_size` is an upper bound: a small corpus yields fewer pieces instead of failing.
     The same texts always give the same file.
     """
@@ -106,7 +110,7 @@ def train_siglip_tokenizer(texts: Iterable[str], out_path: str | Path, vocab_siz
     from paligemma_cli.core.tokenizer_training import run_sentencepiece_trainer
 
     model = run_sentencepiece_trainer(
-        lines, model_type="unigram", vocab_size=vocab_size, hard_vocab_limit=False, character_coverage=1.0,
+        lines, model_type="bpe", vocab_size=vocab_size, hard_vocab_limit=False, character_coverage=1.0,
         pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
         num_threads=1, shuffle_input_sentence=False,  # determinism
     )
