@@ -44,3 +44,14 @@ def test_demo_model_meets_its_floor(report, task):
     result = report.tasks[task]
     assert result.n >= 10
     assert result.metrics[metric] >= floor, f"{task} {metric} = {result.metrics[metric]:.1f} < {floor}"
+
+
+@pytest.mark.parametrize("prompt, answer", [
+    ("answer en what color is the circle?", "orange"),
+    ("caption en", "a green square, an orange circle and a red triangle"),
+])
+def test_demo_model_answers_the_readme_example(prompt, answer):
+    """The README's first command, `paligemma ask examples/shapes.png "what color is the circle?"`."""
+    pipe = Pipeline.load(resolve_model(None), "cpu", "auto")
+    image = Path(__file__).resolve().parents[1] / "examples" / "shapes.png"
+    assert "".join(pipe.stream(image, prompt, SamplingOptions(max_new_tokens=32))) == answer
