@@ -23,9 +23,13 @@ FLOORS = {"color": ("exact_match", 85.0), "count": ("exact_match", 85.0), "capti
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def pipe():
+    return Pipeline.load(resolve_model(None), "cpu", "auto")
+
+
+@pytest.fixture(scope="module")
+def report(pipe, tmp_path_factory):
     data = write_dataset(tmp_path_factory.mktemp("fresh"), n=150, seed=12345)  # a seed used nowhere else
-    pipe = Pipeline.load(resolve_model(None), "cpu", "auto")
     return evaluate(pipe, read_jsonl(data), SamplingOptions(max_new_tokens=32), batch_size=32)
 
 
@@ -50,8 +54,7 @@ def test_demo_model_meets_its_floor(report, task):
     ("answer en what color is the circle?", "orange"),
     ("caption en", "a green square, an orange circle and a red triangle"),
 ])
-def test_demo_model_answers_the_readme_example(prompt, answer):
+def test_demo_model_answers_the_readme_example(pipe, prompt, answer):
     """The README's first command, `paligemma ask examples/shapes.png "what color is the circle?"`."""
-    pipe = Pipeline.load(resolve_model(None), "cpu", "auto")
     image = Path(__file__).resolve().parents[1] / "examples" / "shapes.png"
     assert "".join(pipe.stream(image, prompt, SamplingOptions(max_new_tokens=32))) == answer

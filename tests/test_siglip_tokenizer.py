@@ -1,6 +1,5 @@
 """The SigLIP tokenizer trainer on a small, repetitive corpus: every word kept, none lost to <unk>."""
 
-
 import sentencepiece as spm
 
 from paligemma_cli.core.shapes import caption, make_scene

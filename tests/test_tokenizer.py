@@ -1,8 +1,11 @@
 """PaliGemmaTokenizer, StreamDecoder and train_tokenizer, checked against transformers' GemmaTokenizer."""
 
 import io
+import re
+from pathlib import Path
 
 import pytest
+import yaml
 
 from paligemma_cli.core.errors import PaliGemmaError
 from paligemma_cli.core.tokenizer import PaliGemmaTokenizer
@@ -185,13 +188,7 @@ def test_demo_config_tokenizer_learns_whole_words(tmp_path):
     """At the demo config's vocabulary size, every shapes-world word is one piece.
 
     The demo model once used 320 pieces, of which 256 are byte fallbacks: "shapes" became six letters,
-    questions 22 tokens instead of 8, and a 4-layer decoder spent its depth spelling."""
-    import re
-
-    import yaml
-
-    from pathlib import Path
-
+    questions 22 tokens instead of 9, and a 4-layer decoder spent its depth spelling."""
     config = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
     vocab = yaml.safe_load(config.read_text())["tokenizer_vocab_size"]
     texts = shapes_texts()

@@ -210,7 +210,8 @@ def task_cycle(tasks: Sequence[str] | None = None) -> tuple[str, ...]:
         return TASK_CYCLE
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown or not tasks:
-        raise ValueError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+        what = f"unknown task(s) {', '.join(unknown)}" if unknown else "no task given"
+        raise ValueError(f"{what}; choose from {', '.join(TASKS)}")
     return tuple(t for t in TASK_CYCLE if t in tasks)
 
 
@@ -247,10 +248,10 @@ def write_dataset(
     image-caption pairs). Written one example at a time, never all in memory;
     `progress(done, n)` is called after each. Same arguments -> byte-identical data.jsonl and PNGs.
     """
+    cycle = task_cycle(tasks)  # a bad task list fails before anything is written
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     final = out_dir / "data.jsonl"
-    cycle = task_cycle(tasks)
     partial = out_dir / "data.jsonl.partial"  # renamed at the end: a data.jsonl is always complete
     with partial.open("w", encoding="utf-8", newline="\n") as f:
         for i in range(n):
