@@ -15,6 +15,7 @@ cached image tokens never see the question (see `core/chat_session.py`).
     .venv/bin/python bench/chat_ttft.py --model none           # a random demo-64 model, tiny test tokenizer
     .venv/bin/python bench/chat_ttft.py --model none --image-size 224 --agreement 0   # 784 image tokens
     .venv/bin/python bench/chat_ttft.py --runs 15 --agreement 100
+    .venv/bin/python bench/chat_ttft.py --compile --agreement 0   # as `paligemma chat --compile`
 
 Prints numbers only; not a test.
 """
@@ -162,6 +163,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads; 1 keeps timings steady on a machine that is busy with other work")
+    ap.add_argument("--compile", action="store_true",
+                    help="compile the text-only steps (`paligemma chat --compile`); session 0 (not counted) compiles")
     ap.add_argument("--image-size", type=int, default=None,
                     help="random model only: image side in pixels (64 -> 64 image tokens, 224 -> 784)")
     args = ap.parse_args()
@@ -172,6 +175,9 @@ def main() -> None:
 
     print("command:", shlex.join([Path(sys.executable).name, *sys.argv]))
     pipe, name = load(args.model, args.device, args.dtype, args.image_size)
+    if args.compile:
+        pipe.model.compile_decode()
+        name += ", --compile"
     print(f"model: {name} on {pipe.model.device}, {pipe.model.dtype}, {torch.get_num_threads()} thread(s), "
           f"{pipe.model.config.num_image_tokens} image tokens")
     ttft(pipe, Path(args.image), args.runs, args.max_tokens)

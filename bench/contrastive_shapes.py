@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=500)
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--max-length", type=int, default=None, help="text positions (default: the preset's, 64)")
+    ap.add_argument("--hard-negatives", type=int, default=0, help="reordered captions per image and step")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--out", type=Path, default=None, help="run folder (default: a temporary one)")
@@ -64,7 +65,7 @@ def main() -> None:
     summary = run_contrastive_training(
         dict(data=str(train), out=str(out), objective=args.objective, model_config=args.model_config,
              steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=min(50, args.steps // 10),
-             max_length=args.max_length, save_every=10**9, log_every=max(1, args.steps // 10)),
+             max_length=args.max_length, hard_negatives=args.hard_negatives, save_every=10**9, log_every=max(1, args.steps // 10)),
         device=args.device,
         on_log=lambda m: print(f"step {m['step']}/{args.steps}  loss {m['loss']:.4f}  t {m['temperature']:.2f}  "
                                f"b {m['bias']:.2f}", file=sys.stderr) if m["step"] % max(1, args.steps // 10) == 0 else None,
@@ -79,6 +80,7 @@ def main() -> None:
     chance_r1 = 100 * (right.sum(1) / right.shape[1]).mean().item()  # a random ranking's recall@1
     print(json.dumps({
         "objective": args.objective, "model_config": args.model_config, "steps": args.steps,
+        "hard_negatives": args.hard_negatives,
         "batch_size": args.batch_size, "train_pairs": args.n_train, "test_pairs": report.n, "device": args.device,
         "train_seconds": round(train_s, 1), "final_loss": round(summary["loss"], 4),
         **{k: v for k, v in report.as_dict().items() if k.endswith("image") or k.endswith("text")},

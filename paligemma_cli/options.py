@@ -18,6 +18,10 @@ QuantizeOpt = Annotated[str, typer.Option(
     "--quantize", help="none, or int8: the decoder's weights in int8 with one scale per output channel "
                        "(half the memory of bf16; faster decoding on CPU in bf16). A folder saved by "
                        "`convert --quantize int8` is int8 whatever this says.")]
+CompileOpt = Annotated[bool, typer.Option(
+    "--compile", help="Compile the decode step with torch.compile (one graph for every generated token). The "
+                      "first answer waits for the compiler (half a minute on a small CPU, more for big models); "
+                      "worth it for long runs such as captioning a folder.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts instead of text.")]
 MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens to generate.")]
 TemperatureOpt = Annotated[float, typer.Option("--temperature", min=0.0, help="0 is greedy; higher samples more freely.")]

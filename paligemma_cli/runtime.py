@@ -15,7 +15,8 @@ def stderr_console():
     return Console(stderr=True, highlight=False)
 
 
-def load_pipeline(model: str | None, device: str, dtype: str, console=None, quantize: str = "none"):
+def load_pipeline(model: str | None, device: str, dtype: str, console=None, quantize: str = "none",
+                  compile: bool = False):
     from paligemma_cli.core.model_source import resolve_model
     from paligemma_cli.core.pipeline import Pipeline
 
@@ -29,6 +30,8 @@ def load_pipeline(model: str | None, device: str, dtype: str, console=None, quan
     if _int8_in_float32_on_cpu(pipe.model):
         console.print("note: int8 weights with float32 activations save memory but decode slower than float32 "
                       "on a CPU; the fast int8 kernel is bf16's (--dtype bf16)", markup=False)
+    if compile:
+        pipe.model.compile_decode()
     return pipe
 
 

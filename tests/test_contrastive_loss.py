@@ -84,6 +84,39 @@ def test_siglip_loss_3x3_by_hand():
     assert siglip_loss_chunked(eye, 2 * eye, 0.0, 0.5, chunk_size=2).item() == pytest.approx(expected, abs=1e-12)
 
 
+# Hard negatives: TXT2 plus a third text (0, 1), which matches neither image. With it,
+#   cos = [[1, A, 0],
+#          [0, A, 1]]
+TXT2_NEG = torch.cat([TXT2, torch.tensor([[0.0, 1.0]], dtype=torch.float64)])
+
+
+def test_clip_loss_with_a_hard_negative_by_hand():
+    # image -> text rows now have three choices: row 0: log(1 + e^(A-1) + e^-1); row 1 (target A):
+    # -log(e^A / (1 + e^A + e^1)). The negative is not a query, so the column terms are the 2x2 ones.
+    rows = (math.log(1 + math.exp(A - 1) + math.exp(-1)) + math.log((1 + math.exp(A) + math.e) / math.exp(A))) / 2
+    cols = (softplus(-1) + math.log(2)) / 2
+    loss = clip_loss(IMG2, TXT2_NEG, 0.0)
+    assert loss.item() == pytest.approx((rows + cols) / 2, abs=1e-12)
+
+
+def test_siglip_loss_with_a_hard_negative_by_hand():
+    # logits = 10 cos - 10; the third column (0, 1) -> logits [-10, 0], both negatives (z = -1):
+    # two more terms, log(1 + e^-10) and log 2, still divided by the batch size 2.
+    base = math.log(2) + softplus(10 * A - 10) + softplus(-10) + softplus(10 - 10 * A)
+    expected = (base + softplus(-10) + math.log(2)) / 2
+    assert siglip_loss(IMG2, TXT2_NEG, math.log(10), -10.0).item() == pytest.approx(expected, abs=1e-12)
+    for chunk_size in (1, 2, 3):
+        assert siglip_loss_chunked(IMG2, TXT2_NEG, math.log(10), -10.0, chunk_size).item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_a_missing_text_is_an_error():
+    img, txt = torch.randn(3, 4), torch.randn(2, 4)
+    for loss in (lambda: clip_loss(img, txt, 0.0), lambda: siglip_loss(img, txt, 0.0, 0.0),
+                 lambda: siglip_loss_chunked(img, txt, 0.0, 0.0, 2)):
+        with pytest.raises(ValueError, match="3 images but 2 texts"):
+            loss()
+
+
 def test_parameter_tensors_of_shape_1_work():
     # The model stores logit_scale / logit_bias as shape [1]; the loss must still be a scalar.
     img, txt = torch.randn(3, 4), torch.randn(3, 4)
@@ -92,10 +125,10 @@ def test_parameter_tensors_of_shape_1_work():
         assert loss.shape == ()
 
 
-def _leaves(B=4, D=3, seed=0):
+def _leaves(B=4, D=3, seed=0, M=0):
     g = torch.Generator().manual_seed(seed)
     img = torch.randn(B, D, dtype=torch.float64, generator=g, requires_grad=True)
-    txt = torch.randn(B, D, dtype=torch.float64, generator=g, requires_grad=True)
+    txt = torch.randn(B + M, D, dtype=torch.float64, generator=g, requires_grad=True)  # M hard negatives
     scale = torch.tensor([0.7], dtype=torch.float64, requires_grad=True)
     bias = torch.tensor([-1.3], dtype=torch.float64, requires_grad=True)
     return img, txt, scale, bias
@@ -104,10 +137,13 @@ def _leaves(B=4, D=3, seed=0):
 def test_gradcheck_clip():
     img, txt, scale, _ = _leaves()
     assert torch.autograd.gradcheck(clip_loss, (img, txt, scale))
+    img, txt, scale, _ = _leaves(M=2)
+    assert torch.autograd.gradcheck(clip_loss, (img, txt, scale))
 
 
 def test_gradcheck_siglip():
     assert torch.autograd.gradcheck(siglip_loss, _leaves())
+    assert torch.autograd.gradcheck(siglip_loss, _leaves(M=2))
 
 
 def test_gradcheck_siglip_chunked():
@@ -115,9 +151,10 @@ def test_gradcheck_siglip_chunked():
 
 
 @pytest.mark.parametrize("chunk_size", [1, 2, 3, 4, 7, 10])
-def test_chunked_equals_direct_value_and_gradients(chunk_size):
-    # B = 7: chunk sizes 2, 3, 4 leave a short last block; 10 is larger than the batch.
-    direct_in, chunked_in = _leaves(B=7, D=5, seed=1), _leaves(B=7, D=5, seed=1)
+@pytest.mark.parametrize("negatives", [0, 3])
+def test_chunked_equals_direct_value_and_gradients(chunk_size, negatives):
+    # B = 7: chunk sizes 2, 3, 4 leave a short last block; 10 is larger than the batch (not with 3 negatives).
+    direct_in, chunked_in = _leaves(B=7, D=5, seed=1, M=negatives), _leaves(B=7, D=5, seed=1, M=negatives)
     direct = siglip_loss(*direct_in)
     chunked = siglip_loss_chunked(*chunked_in, chunk_size=chunk_size)
     torch.testing.assert_close(chunked, direct, rtol=0, atol=1e-12)

@@ -135,9 +135,10 @@ def test_mixed_task_files_train_on_their_caption_lines_only(shapes, captions, tm
     assert torch.equal(a.input_ids, b.input_ids)
 
 
-def test_resume_after_a_crash_ends_exactly_where_an_uninterrupted_run_does(captions, tmp_path):
-    whole, _, whole_losses = train(settings(captions, tmp_path / "whole"))
-    cfg = settings(captions, tmp_path / "split", save_every=2)
+@pytest.mark.parametrize("hard_negatives", [0, 2])
+def test_resume_after_a_crash_ends_exactly_where_an_uninterrupted_run_does(captions, tmp_path, hard_negatives):
+    whole, _, whole_losses = train(settings(captions, tmp_path / "whole", hard_negatives=hard_negatives))
+    cfg = settings(captions, tmp_path / "split", save_every=2, hard_negatives=hard_negatives)
     _, summary, first = train(cfg, stop_at=5, stop_with=Crash)  # dies after step 5; step 4 is on disk
     assert summary is None
     resumed, summary, rest = train(cfg, resume=True)
@@ -178,6 +179,46 @@ def test_continue_from_a_checkpoint_brings_its_tokenizer(siglip_run, captions, t
     DualEncoder.from_pretrained(out)
 
 
+def test_hard_negatives_are_the_lines_own_wrong_captions_drawn_per_step(captions, tmp_path):
+    trainer = ContrastiveTrainer(ContrastiveTrainConfig.from_dict(
+        settings(captions, tmp_path / "neg", hard_negatives=2)))
+    rows = list(range(16))
+    wanted = sum(min(2, len(trainer.examples[i].negatives)) for i in rows)
+    assert wanted > 16  # the fixture has two- and three-shape scenes
+    draws = []
+    for step in (0, 0, 1):
+        _, ids = trainer.make_batch(rows, step)
+        assert ids.shape[0] == 16 + wanted
+        assert torch.equal(ids[:16], trainer.input_ids[rows])
+        negatives = ids[16:].tolist()
+        # In row order, each of an example's picks is one of its own negatives, never its caption.
+        k = 0
+        for i in rows:
+            own = trainer.tokenizer(list(trainer.examples[i].negatives)).tolist()
+            for _ in range(min(2, len(own))):
+                assert negatives[k] in own and negatives[k] != trainer.input_ids[i].tolist()
+                k += 1
+        draws.append(negatives)
+    assert draws[0] == draws[1]  # a pure function of (seed, step): resume sees the same batch
+    assert draws[0] != draws[2]  # three-shape scenes have 5 negatives: another step draws others
+    pixel_values, ids = trainer.make_batch(rows, 0)
+    with torch.no_grad():  # the sigmoid loss only gains terms (16 x `wanted` more negatives), each positive
+        assert contrastive_loss(trainer.model, pixel_values, ids, "siglip") > contrastive_loss(
+            trainer.model, pixel_values, ids[:16], "siglip")
+
+
+def test_hard_negatives_need_data_that_has_them(captions, tmp_path):
+    bare = tmp_path / "bare.jsonl"
+    lines = [json.loads(line) for line in captions.read_text().splitlines()]
+    bare.write_text("".join(json.dumps({k: v for k, v in d.items() if k != "negatives"}) + "\n" for d in lines))
+    for line in lines:
+        (tmp_path / line["image"]).parent.mkdir(exist_ok=True)
+        (tmp_path / line["image"]).write_bytes((captions.parent / line["image"]).read_bytes())
+    with pytest.raises(PaliGemmaError, match="has none"):
+        run_contrastive_training(settings(bare, tmp_path / "x", hard_negatives=1))
+    run_contrastive_training(settings(bare, tmp_path / "y", steps=1))  # without the flag the file is fine
+
+
 def test_chunked_siglip_loss_equals_the_whole_batch(siglip_run):
     trainer = siglip_run[1]
     batch = trainer.make_batch(list(range(10)))
@@ -192,6 +233,7 @@ def test_chunked_siglip_loss_equals_the_whole_batch(siglip_run):
     ({"trainable": "lora"}, "do not apply"),
     ({"batch_size": 1}, "--batch-size"),
     ({"lr": "fast"}, "lr must be float"),
+    ({"hard_negatives": -1}, "--hard-negatives"),
 ])
 def test_bad_settings_fail_before_training(captions, tmp_path, change, message):
     with pytest.raises(PaliGemmaError, match=message):

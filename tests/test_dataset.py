@@ -28,10 +28,13 @@ def test_suffix_lists_optional_task_absolute_paths_and_blank_lines(tmp_path):
     lines = [
         {"image": "a.png", "prefix": "caption en", "suffix": ["a red circle", "one red circle"]},
         {"image": "/abs/b.png", "prefix": "ocr", "suffix": "hi", "task": "ocr", "extra": 1},
+        {"image": "c.png", "prefix": "caption en", "suffix": "a red circle and a blue square",
+         "negatives": ["a blue square and a red circle"]},
     ]
-    path.write_text(json.dumps(lines[0]) + "\n\n" + json.dumps(lines[1]) + "\n")
-    a, b = read_jsonl(path)
+    path.write_text(json.dumps(lines[0]) + "\n\n" + json.dumps(lines[1]) + "\n" + json.dumps(lines[2]) + "\n")
+    a, b, c = read_jsonl(path)
     assert a == Example(tmp_path / "a.png", "caption en", ["a red circle", "one red circle"], None)
+    assert a.negatives == () and c.negatives == ("a blue square and a red circle",)
     assert a.references == ["a red circle", "one red circle"]
     assert b.image.as_posix() == "/abs/b.png" and b.task == "ocr" and b.references == ["hi"]
 
@@ -52,6 +55,8 @@ GOOD = '{"image": "a.png", "prefix": "caption en", "suffix": "x"}'
         ('{"image": "a.png", "prefix": "p", "suffix": []}', "'suffix' must be a string or a non-empty list"),
         ('{"image": "a.png", "prefix": "p", "suffix": ["x", 2]}', "'suffix' must be a string or a non-empty list"),
         ('{"image": "a.png", "prefix": "p", "suffix": "x", "task": 5}', "'task' must be a string"),
+        ('{"image": "a.png", "prefix": "p", "suffix": "x", "negatives": "y"}', "'negatives' must be a list"),
+        ('{"image": "a.png", "prefix": "p", "suffix": "x", "negatives": ["y", 1]}', "'negatives' must be a list"),
     ],
 )
 def test_bad_line_names_file_and_line_number(tmp_path, bad, message):

@@ -17,6 +17,7 @@ from paligemma_cli.core.shapes import (
     loc_to_boxes,
     make_example,
     make_scene,
+    reordered_captions,
     render,
     scene_examples,
     write_dataset,
@@ -231,3 +232,19 @@ def test_detect_answers_agree_with_the_detection_module():
                 [(ours, label)] = loc_to_boxes(ex["suffix"], scene.size)
                 assert (box.x0, box.y0, box.x1, box.y1) == ours and box.label == label
                 assert detection.format_detections([box], scene.size, scene.size) == ex["suffix"]
+
+
+def test_caption_negatives_are_the_same_shapes_in_every_other_order():
+    seen = Counter()
+    for i in range(60):
+        scene = make_scene(3, i)
+        own = shapes.caption(scene)
+        negatives = reordered_captions(scene)
+        n = len(scene.shapes)
+        assert len(negatives) == {1: 0, 2: 1, 3: 5}[n]  # n! - 1 orders: colours and kinds never repeat
+        for neg in negatives:
+            assert neg != own and sorted(re.split(r", | and ", neg)) == sorted(re.split(r", | and ", own))
+        line = scene_examples(scene)[0]
+        assert line["task"] == "caption" and line.get("negatives", []) == negatives
+        seen[n] += 1
+    assert set(seen) == {1, 2, 3}

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from paligemma_cli.options import (DeviceOpt, DtypeOpt, JsonOpt, LangOpt, MaxTokensOpt, ModelOpt, QuantizeOpt,
+from paligemma_cli.options import (CompileOpt, DeviceOpt, DtypeOpt, JsonOpt, LangOpt, MaxTokensOpt, ModelOpt, QuantizeOpt,
                                    SeedOpt, TemperatureOpt, TopKOpt, TopPOpt)
 
 
@@ -25,6 +25,7 @@ def ask(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quantize: QuantizeOpt = "none",
+    compile: CompileOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Ask a question about an image; the answer streams to stdout.
@@ -52,7 +53,7 @@ def ask(
     opts = sampling_options(max_tokens, temperature, top_k, top_p, seed)
     picture = load_image(image)  # fail on a bad image before paying for the model
     console = stderr_console()
-    pipe = load_pipeline(model, device, dtype, console, quantize=quantize)
+    pipe = load_pipeline(model, device, dtype, console, quantize=quantize, compile=compile)
     if json_out:
         answer = "".join(pipe.stream(picture, prompt, opts))
         print(json.dumps({"answer": answer, "prompt": prompt, "image": image, "model": str(pipe.folder),

@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from paligemma_cli.options import DeviceOpt, DtypeOpt, MaxTokensOpt, ModelOpt, QuantizeOpt
+from paligemma_cli.options import CompileOpt, DeviceOpt, DtypeOpt, MaxTokensOpt, ModelOpt, QuantizeOpt
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".ppm", ".pgm"}
 
@@ -38,6 +38,7 @@ def caption(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quantize: QuantizeOpt = "none",
+    compile: CompileOpt = False,
 ) -> None:
     """Caption many images; each record is written as soon as it is made.
 
@@ -64,7 +65,7 @@ def caption(
     if done:
         console.print(f"resuming: {len(done)} image(s) already in {out}, {len(todo)} to go")
     opts = sampling_options(max_tokens)
-    pipe = load_pipeline(model, device, dtype, console, quantize=quantize)
+    pipe = load_pipeline(model, device, dtype, console, quantize=quantize, compile=compile)
 
     if resume and out is not None and out.exists() and not out.read_bytes().endswith(b"\n") and out.stat().st_size:
         with open(out, "a", encoding="utf-8") as f:

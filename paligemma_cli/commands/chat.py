@@ -10,13 +10,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
 import typer
 
-from paligemma_cli.options import (DeviceOpt, DtypeOpt, LangOpt, MaxTokensOpt, ModelOpt, QuantizeOpt, SeedOpt,
-                                   TemperatureOpt, TopKOpt, TopPOpt)
+from paligemma_cli.options import (CompileOpt, DeviceOpt, DtypeOpt, LangOpt, MaxTokensOpt, ModelOpt, QuantizeOpt,
+                                   SeedOpt, TemperatureOpt, TopKOpt, TopPOpt)
 
 HELP = """\
 Type a question about the image and press Enter; it is sent as "answer LANG QUESTION".
@@ -46,6 +47,7 @@ def chat(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quantize: QuantizeOpt = "none",
+    compile: CompileOpt = False,
     exact: Annotated[bool, typer.Option("--exact", help="Re-encode image and question for every question, so answers equal `paligemma ask` (slower).")] = False,
 ) -> None:
     """Ask questions about an image one after another; the image is encoded once.
@@ -76,8 +78,11 @@ def chat(
     opts = sampling_options(max_tokens, temperature, top_k, top_p, seed)
     picture = load_image(image) if image else None  # fail on a bad image before paying for the model
     console = stderr_console()
-    pipe = load_pipeline(model, device, dtype, console, quantize=quantize)
+    pipe = load_pipeline(model, device, dtype, console, quantize=quantize, compile=compile)
     session = ChatSession(pipe, opts, exact=exact)
+    if compile:
+        with console.status("compiling the decoder (once per session)") if console.is_terminal else nullcontext():
+            session.warm_up()
     if picture is not None:
         session.set_image(picture, name=image)
     Repl(session, lang, interactive=sys.stdin.isatty(), console=console).run()

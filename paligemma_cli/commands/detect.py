@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from paligemma_cli.options import DeviceOpt, DtypeOpt, JsonOpt, MaxTokensOpt, ModelOpt, QuantizeOpt
+from paligemma_cli.options import CompileOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxTokensOpt, ModelOpt, QuantizeOpt
 
 
 def detect(
@@ -20,6 +20,7 @@ def detect(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quantize: QuantizeOpt = "none",
+    compile: CompileOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Find objects and print their boxes (x0 y0 x1 y1, pixels of the original image).
@@ -41,7 +42,7 @@ def detect(
     prompt = "detect " + " ; ".join(labels)
     picture = load_image(image)
     console = stderr_console()
-    pipe = load_pipeline(model, device, dtype, console, quantize=quantize)
+    pipe = load_pipeline(model, device, dtype, console, quantize=quantize, compile=compile)
     raw = pipe.generate([picture], [prompt], sampling_options(max_tokens))[0]
     boxes = parse_detections(raw, picture.width, picture.height)
     if out is not None:

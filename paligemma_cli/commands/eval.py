@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from paligemma_cli.options import DeviceOpt, DtypeOpt, JsonOpt, MaxTokensOpt, ModelOpt, QuantizeOpt
+from paligemma_cli.options import CompileOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxTokensOpt, ModelOpt, QuantizeOpt
 
 # Column headings for the metric keys of core.evaluation.METRICS.
 _HEADINGS = {"exact_match": "exact", "vqa_accuracy": "VQA acc", "bleu4": "BLEU-4", "cider": "CIDEr",
@@ -31,6 +31,7 @@ def eval_command(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quantize: QuantizeOpt = "none",
+    compile: CompileOpt = False,
 ) -> None:
     """Score a model on a dataset, per task: exact match and VQA accuracy for `answer` prompts,
     BLEU-4 and CIDEr-D for captions, precision/recall at IoU 0.5 for `detect`. Scores are percentages.
@@ -54,9 +55,9 @@ def eval_command(
     if tasks and "retrieval" in tasks:
         if len(tasks) > 1 or predictions:
             raise PaliGemmaError("--task retrieval scores a dual encoder alone: drop the other --task and --predictions")
-        if quantize.lower() != "none":
-            raise PaliGemmaError("--quantize applies to PaliGemma models; --task retrieval scores a SigLIP "
-                                 "dual encoder")
+        if quantize.lower() != "none" or compile:
+            raise PaliGemmaError("--quantize and --compile apply to PaliGemma models; --task retrieval scores a "
+                                 "SigLIP dual encoder")
         from paligemma_cli.core.retrieval import format_retrieval, run_retrieval_eval
 
         result = run_retrieval_eval(data, model, batch_size, limit, device, dtype)
@@ -67,7 +68,7 @@ def eval_command(
     if not examples:
         raise PaliGemmaError(f"{data}: no examples to evaluate")
     opts = sampling_options(max_tokens)  # greedy: scores should not depend on a seed
-    pipe = load_pipeline(model, device, dtype, console, quantize=quantize)
+    pipe = load_pipeline(model, device, dtype, console, quantize=quantize, compile=compile)
 
     try:
         out = open(predictions, "w", encoding="utf-8") if predictions else None

@@ -40,6 +40,7 @@ def train(
     log_every: Annotated[Optional[int], typer.Option("--log-every", help="Steps between lines in metrics.jsonl (and on a non-terminal stderr).")] = None,
     max_length: Annotated[Optional[int], typer.Option("--max-length", min=2, help="Tokens per example: image + prompt + answer (a longer example stops the run with an error), or with --objective siglip/clip the text positions of a model trained from scratch. Default: the model's limit.")] = None,
     init_vision: Annotated[Optional[str], typer.Option("--init-vision", help="Start the vision tower from this checkpoint (e.g. a SigLIP trained with --objective siglip).")] = None,
+    hard_negatives: Annotated[Optional[int], typer.Option("--hard-negatives", min=0, help="With --objective siglip/clip: per image and step, up to this many of its line's \"negatives\" (wrong captions, e.g. its shapes in another order) join the batch as extra negatives. Default 0.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out where it stopped.")] = False,
     device: DeviceOpt = "auto",
     json_out: JsonOpt = False,
@@ -78,7 +79,7 @@ def train(
                  lora_alpha=lora_alpha, lora_save=lora_save, precision=precision,
                  gradient_checkpointing=gradient_checkpointing, seed=seed, eval_every=eval_every,
                  save_every=save_every, log_every=log_every, init_vision=init_vision,
-                 max_length=max_length)
+                 max_length=max_length, hard_negatives=hard_negatives)
     for key, value in flags.items():
         if value is not None:
             settings[key] = str(value) if isinstance(value, Path) else value

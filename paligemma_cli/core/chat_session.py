@@ -14,6 +14,7 @@ the whole prompt every time (as `ask` does) for users who want identical answers
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +96,20 @@ class ChatSession:
         """Forget the transcript and the cached image encoding (the image itself stays selected)."""
         self.history.clear()
         self._cache = self._snap = None
+
+    def warm_up(self) -> None:
+        """Answer a throwaway question about a blank image, so that a compiled model (`compile_decode`)
+        compiles now, not during the user's first question. Image, cache and history stay as they were."""
+        from PIL import Image
+
+        saved = (self._pixels, self.image_name, self._cache, self._snap, list(self.history), self.last, self.opts)
+        size = self.pipeline.model.config.vision.image_size
+        self.set_image(Image.new("RGB", (size, size), "white"))
+        self.opts = dataclasses.replace(self.opts, max_new_tokens=2, temperature=0.0)  # a prompt and a decode step
+        try:
+            "".join(self.ask("caption en"))
+        finally:
+            self._pixels, self.image_name, self._cache, self._snap, self.history, self.last, self.opts = saved
 
     @property
     def has_image(self) -> bool:

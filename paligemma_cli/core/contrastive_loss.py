@@ -5,7 +5,9 @@ References: Radford et al., "Learning Transferable Visual Models From Natural La
 big_vision's `trainers/proj/image_text/siglip.py`; `transformers`' `SiglipModel` (`return_loss=True`).
 
 Every loss takes raw (unnormalised) embeddings, img_emb[i] paired with txt_emb[i], and L2-normalises
-them itself, so it sees the cosine-similarity matrix. The temperature is log-parametrised: the model
+them itself, so it sees the cosine-similarity matrix. txt_emb may have more rows than img_emb: rows past
+the batch are hard negatives, texts that match no image of the batch (Yuksekgonul et al., "When and why
+vision-language models behave like bags-of-words", 2023: NegCLIP's word-order negatives). The temperature is log-parametrised: the model
 learns `logit_scale` and the logits are multiplied by `exp(logit_scale)`, which keeps it positive.
 """
 
@@ -29,6 +31,13 @@ def _as_tensor(x: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
     return x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=like.dtype, device=like.device)
 
 
+def _check_pairs(img_emb: torch.Tensor, txt_emb: torch.Tensor) -> int:
+    """The batch size B; every image needs its text, so txt_emb has B rows plus any hard negatives."""
+    if txt_emb.shape[0] < img_emb.shape[0]:
+        raise ValueError(f"{img_emb.shape[0]} images but {txt_emb.shape[0]} texts: text i must pair with image i")
+    return img_emb.shape[0]
+
+
 def cosine_similarity_matrix(img_emb: torch.Tensor, txt_emb: torch.Tensor) -> torch.Tensor:
     """(B, D), (B', D) -> (B, B') with entry [i, j] = cos(img_i, txt_j)."""
     return F.normalize(img_emb, dim=-1) @ F.normalize(txt_emb, dim=-1).T
@@ -39,16 +48,18 @@ def clip_loss(img_emb: torch.Tensor, txt_emb: torch.Tensor, logit_scale: torch.T
 
     Args:
         img_emb: (B, D) image embeddings; row i is paired with txt_emb[i].
-        txt_emb: (B, D) text embeddings.
+        txt_emb: (B + M, D) text embeddings; the M >= 0 rows past B are hard negatives, extra wrong
+            choices for every image (they are not queries: text->image runs over the B paired texts).
         logit_scale: log of the inverse temperature (scalar or shape [1]); exp is clamped at 100.
 
     Returns:
         Scalar mean of the image->text and text->image cross-entropies (nats).
     """
+    b = _check_pairs(img_emb, txt_emb)
     scale = _as_tensor(logit_scale, img_emb).exp().clamp(max=CLIP_MAX_SCALE)
-    logits = cosine_similarity_matrix(img_emb, txt_emb) * scale  # (B, B), rows = images
-    targets = torch.arange(logits.shape[0], device=logits.device)  # the pair is on the diagonal
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+    logits = cosine_similarity_matrix(img_emb, txt_emb) * scale  # (B, B + M), rows = images
+    targets = torch.arange(b, device=logits.device)  # the pair is on the diagonal
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits[:, :b].T, targets)) / 2
 
 
 def siglip_loss(img_emb: torch.Tensor, txt_emb: torch.Tensor, logit_scale: torch.Tensor | float,
@@ -57,17 +68,19 @@ def siglip_loss(img_emb: torch.Tensor, txt_emb: torch.Tensor, logit_scale: torch
 
     `logits = cos_sim * exp(logit_scale) + logit_bias`, `z = 2I - 1` (+1 on the diagonal, -1 elsewhere),
     `loss = -sum(logsigmoid(z * logits)) / B`: summed over all B² pairs, divided by the batch size
-    (not B²), as in the paper and big_vision.
+    (not B²), as in the paper and big_vision. Hard negatives add B x M pairs, all with z = -1.
 
     Args:
-        img_emb: (B, D); txt_emb: (B, D); logit_scale, logit_bias: scalars or shape [1].
+        img_emb: (B, D); txt_emb: (B + M, D), rows past B hard negatives; logit_scale, logit_bias:
+            scalars or shape [1].
 
     Returns:
-        Scalar loss. Materialises the (B, B) matrix; see `siglip_loss_chunked` for large batches.
+        Scalar loss. Materialises the (B, B + M) matrix; see `siglip_loss_chunked` for large batches.
     """
+    b = _check_pairs(img_emb, txt_emb)
     scale, bias = _as_tensor(logit_scale, img_emb).exp(), _as_tensor(logit_bias, img_emb)
-    logits = cosine_similarity_matrix(img_emb, txt_emb) * scale + bias  # (B, B)
-    z = 2 * torch.eye(logits.shape[0], dtype=logits.dtype, device=logits.device) - 1
+    logits = cosine_similarity_matrix(img_emb, txt_emb) * scale + bias  # (B, B + M)
+    z = 2 * torch.eye(b, logits.shape[1], dtype=logits.dtype, device=logits.device) - 1
     return -F.logsigmoid(z * logits).sum() / logits.shape[0]
 
 
@@ -92,9 +105,11 @@ def siglip_loss_chunked(img_emb: torch.Tensor, txt_emb: torch.Tensor, logit_scal
     up to float rounding.
 
     Args:
-        img_emb: (B, D); txt_emb: (B, D); logit_scale, logit_bias: scalars or shape [1].
+        img_emb: (B, D); txt_emb: (B + M, D), rows past B hard negatives; logit_scale, logit_bias:
+            scalars or shape [1].
         chunk_size: texts per block (any positive int; the last block may be smaller).
     """
+    _check_pairs(img_emb, txt_emb)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     scale, bias = _as_tensor(logit_scale, img_emb).exp(), _as_tensor(logit_bias, img_emb)

@@ -13,6 +13,8 @@ ends exactly where an uninterrupted one would. The run folder is a complete dual
 replaced atomically.
 
 Only caption lines are used (`task` "caption" or none): the caption is `suffix` (its first reference).
+With `hard_negatives` = K, each image also brings up to K of its line's `negatives` (wrong captions
+close to its own), drawn afresh each step; they join the batch's texts as extra negatives for every image.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ from paligemma_cli.core.training import (BatchOrder, _atomic_save_tensors, _atom
 CONTRASTIVE_OBJECTIVES = ("siglip", "clip")
 
 # Settings a resumed run must keep, or it would silently train something other than the run it continues.
-RESUME_FIXED = ("objective", "model", "model_config", "batch_size", "seed", "max_length", "tokenizer_vocab_size")
+RESUME_FIXED = ("objective", "model", "model_config", "batch_size", "seed", "max_length", "tokenizer_vocab_size",
+                "hard_negatives")
 
 
 # --- small presets for training from scratch ----------------------------------------------------------
@@ -95,6 +98,7 @@ class ContrastiveTrainConfig:
     log_every: int = 10
     max_length: int | None = None  # from scratch: text positions (None: the preset's); a checkpoint keeps its own
     tokenizer_vocab_size: int = 1000  # upper bound for the tokenizer trained from scratch
+    hard_negatives: int = 0  # per image and step, up to this many of its line's `negatives` join the batch
 
     def resolved(self) -> "ContrastiveTrainConfig":
         cfg = dataclasses.replace(self)
@@ -113,8 +117,9 @@ class ContrastiveTrainConfig:
             raise PaliGemmaError(f"--schedule must be cosine or constant, got {cfg.schedule!r}")
         if cfg.precision not in ("auto", "bf16", "fp32"):
             raise PaliGemmaError(f"--precision must be auto, bf16 or fp32, got {cfg.precision!r}")
-        if cfg.warmup_steps < 0 or cfg.chunk_size < 0 or cfg.log_every < 1 or cfg.save_every < 1:
-            raise PaliGemmaError("--warmup-steps and chunk_size must be at least 0, --log-every and --save-every at least 1")
+        if cfg.warmup_steps < 0 or cfg.chunk_size < 0 or cfg.hard_negatives < 0 or cfg.log_every < 1 or cfg.save_every < 1:
+            raise PaliGemmaError("--warmup-steps, --hard-negatives and chunk_size must be at least 0, "
+                                 "--log-every and --save-every at least 1")
         if cfg.max_length is not None and cfg.max_length < 2:
             raise PaliGemmaError("max_length must be at least 2 (a token and </s>)")
         return cfg
@@ -181,10 +186,19 @@ class ContrastiveTrainer:
             raise PaliGemmaError(f"'{cfg.data}' has no caption lines (lines with task \"caption\" or no task) "
                                  f"among its {len(everything)} example(s)")
         self._check_examples()
+        if cfg.hard_negatives and not any(ex.negatives for ex in self.examples):
+            raise PaliGemmaError(f"--hard-negatives needs wrong captions in a \"negatives\" list on the caption "
+                                 f"lines; '{cfg.data}' has none (`paligemma demo-data --task caption` writes them)")
         torch.manual_seed(cfg.seed)
         self._build_model()
         # Captions never change, so they are tokenised once; images are read per batch to keep memory flat.
         self.input_ids = self.tokenizer([ex.references[0] for ex in self.examples])  # (N, T)
+        # Negatives likewise, all in one tensor: those of example i are rows first[i] .. first[i+1]-1.
+        counts = [len(ex.negatives) if cfg.hard_negatives else 0 for ex in self.examples]
+        self.negative_first = [0]
+        for c in counts:
+            self.negative_first.append(self.negative_first[-1] + c)
+        self.negative_ids = self.tokenizer([n for ex in self.examples for n in ex.negatives]) if sum(counts) else None
         self.order = BatchOrder(len(self.examples), cfg.batch_size, cfg.seed)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
@@ -252,8 +266,10 @@ class ContrastiveTrainer:
 
     # --- batches -------------------------------------------------------------------------------
 
-    def make_batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(pixel_values (B, 3, S, S), input_ids (B, T)); unreadable images drop out (each counted once)."""
+    def make_batch(self, indices: list[int], step: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(pixel_values (B, 3, S, S), input_ids (B + M, T)); unreadable images drop out (each counted once).
+
+        Rows past B of input_ids are the M hard negatives, drawn as a pure function of (seed, step)."""
         from paligemma_cli.core.image import load_image, preprocess
 
         images, rows = [], []
@@ -270,7 +286,15 @@ class ContrastiveTrainer:
         if len(rows) < 2:  # one pair has no negative to learn from
             return None
         pixel_values = preprocess(images, self.model.config.vision.image_size)
-        return pixel_values.to(self.device), self.input_ids[rows].to(self.device)
+        texts = self.input_ids[rows]
+        if self.negative_ids is not None:
+            rng = random.Random(f"negatives:{self.cfg.seed}:{step}")
+            picked = []
+            for i in rows:
+                first, end = self.negative_first[i], self.negative_first[i + 1]
+                picked += rng.sample(range(first, end), min(self.cfg.hard_negatives, end - first))
+            texts = torch.cat([texts, self.negative_ids[picked]])
+        return pixel_values.to(self.device), texts.to(self.device)
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -280,7 +304,7 @@ class ContrastiveTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        batch = self.make_batch(self.order(self.state.step))
+        batch = self.make_batch(self.order(self.state.step), self.state.step)
         loss = float("nan")
         if batch is not None:
             with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):

@@ -5,7 +5,10 @@ One object per line:
     {"image": "images/000000.png", "prefix": "caption en", "suffix": "a red circle", "task": "caption"}
 
 `image` is relative to the jsonl file (or absolute). `suffix` is one string, or a list of strings
-when an eval set has several acceptable references. `task` is optional; other keys are ignored.
+when an eval set has several acceptable references. `task` is optional. `negatives` is optional too:
+captions that are close to the image's but wrong (e.g. its shapes in another order), which contrastive
+training can use as hard negatives (`paligemma train --objective siglip --hard-negatives 1`). Other
+keys are ignored.
 Blank lines are skipped. Images are not opened here: a bad image is reported by whoever loads it.
 """
 
@@ -24,6 +27,7 @@ class Example:
     prefix: str
     suffix: str | list[str]
     task: str | None = None
+    negatives: tuple[str, ...] = ()  # wrong captions of this image, for contrastive hard negatives
 
     @property
     def references(self) -> list[str]:
@@ -53,7 +57,10 @@ def _parse(line: str, base: Path) -> Example:
     task = obj.get("task")
     if task is not None and not isinstance(task, str):
         raise ValueError("'task' must be a string")
-    return Example(base / obj["image"], obj["prefix"], suffix, task)
+    negatives = obj.get("negatives", [])
+    if not (isinstance(negatives, list) and all(isinstance(n, str) for n in negatives)):
+        raise ValueError("'negatives' must be a list of strings")
+    return Example(base / obj["image"], obj["prefix"], suffix, task, tuple(negatives))
 
 
 def read_jsonl(path: str | Path) -> list[Example]:

@@ -60,13 +60,17 @@ class RopeTable:
 
         `bound` is a Python int, so that the size check never waits for the device.
         """
-        key = (positions.device, dtype)
+        cos, sin = self.reserve(bound, positions.device, dtype)
+        return cos[positions][:, :, None], sin[positions][:, :, None]
+
+    def reserve(self, bound: int, device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The table for (device, dtype), built or grown now if it has fewer than `bound` positions."""
+        key = (torch.device(device), dtype)
         table = self._tables.get(key)
         if table is None or table[0].shape[0] < bound:
             n = max(256, 1 << (bound - 1).bit_length())
-            table = self._tables[key] = self._build(n, positions.device, dtype)
-        cos, sin = table
-        return cos[positions][:, :, None], sin[positions][:, :, None]
+            table = self._tables[key] = self._build(n, key[0], dtype)
+        return table
 
     def _build(self, n: int, device, dtype):
         # Plain tensors even when first needed under inference_mode, so that training can use them too.

@@ -22,6 +22,9 @@ from paligemma_cli.core.kv_cache import KVCache
 from paligemma_cli.core.siglip import SiglipVisionTower
 
 
+COMPILED_CACHE_STEP = 256  # cache lengths of a compiled model are multiples of this
+
+
 class MultiModalProjector(nn.Module):
     def __init__(self, cfg: PaliGemmaConfig):
         super().__init__()
@@ -38,6 +41,7 @@ class PaliGemma(nn.Module):
         self.vision_tower = SiglipVisionTower(cfg.vision)
         self.multi_modal_projector = MultiModalProjector(cfg)
         self.language_model = GemmaDecoder(cfg.text)
+        self._compiled_step = None  # set by `compile_decode`
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
@@ -131,6 +135,11 @@ class PaliGemma(nn.Module):
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         t = self.config.text
+        if self._compiled_step is not None:
+            # The compiled step's shapes include the cache length: round it up, so that prompts of
+            # different lengths share one graph instead of compiling one each.
+            rounded = -(-max_len // COMPILED_CACHE_STEP) * COMPILED_CACHE_STEP
+            max_len = max(max_len, min(rounded, t.max_position_embeddings))
         return KVCache.allocate(t.num_hidden_layers, batch, t.num_key_value_heads, t.head_dim, max_len,
                                 self.dtype, self.device)
 
@@ -145,6 +154,8 @@ class PaliGemma(nn.Module):
         Only the last slot's logits are computed, so the last layer skips the other slots' attention
         output and MLP (their keys and values still go into the cache).
         """
+        if self._compiled_step is not None and pixel_values is None and attention_mask is None:
+            return self._static_extend(cache, input_ids, token_type_ids)
         B, T = input_ids.shape
         start, end = cache.length, cache.length + T
         if end > cache.max_len:
@@ -173,3 +184,77 @@ class PaliGemma(nn.Module):
         h = self.language_model(x, positions, masks, cache, last_only=True)  # (B, 1, D)
         cache.length = end
         return self.language_model.logits(h[:, -1])
+
+    # --- compiled decoding (opt-in) ---------------------------------------------------------------
+
+    def compile_decode(self) -> "PaliGemma":
+        """Run text-only `extend` calls (decode steps, a chat's follow-up question) through `torch.compile`.
+
+        `extend` slices the cache at `cache.length`, a Python int that grows with every token, which
+        `torch.compile` would see as a new constant each time, recompiling at every step. The compiled
+        path is therefore a static one (gpt-fast's): it attends over all `max_len` slots of the cache,
+        the slots past the new tokens masked out, and writes keys and values with `index_copy_` at slots
+        given as a tensor, so every decode step of a cache has the same shapes and one graph serves them
+        all (a second, with a symbolic length, serves prompts of several tokens). Image prefill stays
+        eager: it runs once per prompt. The first call of each kind pays for compiling (tens of seconds
+        on a small CPU). Returns the model.
+        """
+        # The weights' final layout first: the graph is specialised to it, and checking every parameter
+        # before every call (dynamo's guards on module state) costs more than a short question's matmuls.
+        # So replacing weights after compiling needs a new `compile_decode`.
+        self.use_fast_cpu_layout()
+        options = {"guard_filter_fn": torch.compiler.skip_guard_on_inbuilt_nn_modules_unsafe}
+        self._compiled_step = torch.compile(self._slot_step, options=options)
+        return self
+
+    def _static_extend(self, cache: KVCache, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None):
+        """`extend` for text tokens without padding, through the compiled graph (see `compile_decode`)."""
+        B, T = input_ids.shape
+        start, end = cache.length, cache.length + T
+        if end > cache.max_len:
+            raise PaliGemmaError(f"sequence of {end} tokens exceeds the cache ({cache.max_len})")
+        cache.valid[:, start:end] = True
+        cache.prefix[:, start:end] = False if token_type_ids is None else token_type_ids == 0
+        positions = cache.next_pos[:, None] + torch.arange(T, device=input_ids.device)
+        cache.next_pos += T
+        cache.pos_bound = cache.max_len + 1  # a constant bound: one RoPE table size, one graph
+        # Built here, not in the graph: a table made while compiling would differ from later ones and recompile.
+        self.language_model.rope.reserve(cache.pos_bound, input_ids.device, self.dtype)
+        slots = torch.arange(start, end, device=input_ids.device)
+        valid, prefix = cache.valid, cache.prefix
+        if T > 1:
+            # A prompt: one graph with symbolic lengths serves every prompt, and it attends to the filled
+            # slots only (a question is a handful of tokens after hundreds of image tokens: attending to
+            # the whole cache would cost more than the question). Decode steps keep their static graph.
+            valid, prefix = valid[:, :end], prefix[:, :end]
+            for t, dim in ((input_ids, 1), (positions, 1), (slots, 0), (valid, 1), (prefix, 1)):
+                torch._dynamo.mark_dynamic(t, dim)
+        logits = self._compiled_step(cache.k, cache.v, valid, prefix, input_ids, positions, slots)
+        cache.length = end
+        return logits
+
+    def _slot_step(self, k: list, v: list, valid: torch.Tensor, prefix: torch.Tensor, input_ids: torch.Tensor,
+                   positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids at cache slots `slots` (T,) -> (B, vocab) logits of the last one.
+
+        Attention covers the first S slots of the cache, S = valid.shape[1] (the whole cache for a
+        decode step); `valid` and `prefix` are the cache's slot flags, (B, S)."""
+        x = self.embed(input_ids)
+        masks = self._masks(slots, prefix[:, slots], valid, prefix)  # (B, 1, T, S)
+        writer = SlotWriter(k, v, slots, valid.shape[1], k[0].shape[2] + 1)
+        h = self.language_model(x, positions, masks, writer, last_only=True)
+        return self.language_model.logits(h[:, -1])
+
+
+class SlotWriter:
+    """What the attention layers need of a cache (`write`, `pos_bound`) for `PaliGemma._slot_step`:
+    keys and values go in at slots held in a tensor, and attention sees the first `seen` slots."""
+
+    def __init__(self, k: list, v: list, slots: torch.Tensor, seen: int, pos_bound: int):
+        self.k, self.v, self.slots, self.seen, self.pos_bound = k, v, slots, seen, pos_bound
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (B, n_kv, T, hd) at the slots; return the first `seen` slots of the layer's buffers."""
+        self.k[layer].index_copy_(2, self.slots, k)
+        self.v[layer].index_copy_(2, self.slots, v)
+        return self.k[layer][:, :, :self.seen], self.v[layer][:, :, :self.seen]

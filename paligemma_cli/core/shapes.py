@@ -7,7 +7,8 @@ exactly one object and every question has exactly one right answer. Scenes are s
 
 Each scene yields examples in PaliGemma's task prompts (architecture spec, "Tasks and structured outputs"):
 
-    caption en                              -> "a red circle and a blue square"   (left to right)
+    caption en                              -> "a red circle and a blue square"   (left to right;
+                                               negatives: ["a blue square and a red circle"])
     answer en what color is the circle?     -> "red"
     answer en how many shapes are there?    -> "2"
     answer en is the circle left of the square?  -> "yes" / "no"
@@ -19,6 +20,7 @@ examples are written, so `--n 100` is a prefix of `--n 1000` with the same seed.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import re
@@ -181,13 +183,28 @@ def _a(color: str, kind: str) -> str:
 
 def caption(scene: Scene) -> str:
     """Canonical caption, shapes left to right: "a red circle, a blue square and an orange triangle"."""
-    parts = [_a(s.color, s.kind) for s in scene.shapes]
+    return _list_shapes(scene.shapes)
+
+
+def _list_shapes(shapes: Sequence[Shape]) -> str:
+    parts = [_a(s.color, s.kind) for s in shapes]
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
+def reordered_captions(scene: Scene) -> list[str]:
+    """The captions of the scene's shapes in every other left-to-right order: wrong, yet made of the
+    right words, so a dual encoder can only tell them apart by where each shape is."""
+    own = caption(scene)
+    return [c for c in dict.fromkeys(map(_list_shapes, itertools.permutations(scene.shapes))) if c != own]
+
+
 def scene_examples(scene: Scene) -> list[dict]:
-    """Every example the scene supports, in a fixed order: [{"prefix", "suffix", "task"}, ...]."""
+    """Every example the scene supports, in a fixed order: [{"prefix", "suffix", "task"}, ...].
+
+    The caption line also lists `negatives` (its shapes in other orders) when the scene has any."""
     ex = [{"prefix": "caption en", "suffix": caption(scene), "task": "caption"}]
+    if negatives := reordered_captions(scene):
+        ex[0]["negatives"] = negatives
     for s in scene.shapes:
         ex.append({"prefix": f"answer en what color is the {s.kind}?", "suffix": s.color, "task": "color"})
     ex.append({"prefix": "answer en how many shapes are there?", "suffix": str(len(scene.shapes)), "task": "count"})
