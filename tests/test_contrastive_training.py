@@ -161,6 +161,14 @@ def test_ctrl_c_saves_and_resume_refuses_changed_settings(captions, tmp_path):
         train({**cfg, "objective": "clip"}, resume=True)
     with pytest.raises(PaliGemmaError, match="already holds a run"):
         train(cfg)
+    with pytest.raises(PaliGemmaError, match="hard_negatives"):
+        train({**cfg, "hard_negatives": 1}, resume=True)
+    # A run saved before --hard-negatives existed has no such key: it used the default (0) and resumes.
+    state_file = tmp_path / "run" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=False)
+    del state["config"]["hard_negatives"]
+    torch.save(state, state_file)
+    assert train(cfg, resume=True)[1]["steps"] == 8
 
 
 def test_clip_objective_lowers_the_loss_and_leaves_the_bias_alone(captions, tmp_path):

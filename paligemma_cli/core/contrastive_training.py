@@ -20,6 +20,7 @@ close to its own), drawn afresh each step; they join the batch's texts as extra 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import random
@@ -195,9 +196,7 @@ class ContrastiveTrainer:
         self.input_ids = self.tokenizer([ex.references[0] for ex in self.examples])  # (N, T)
         # Negatives likewise, all in one tensor: those of example i are rows first[i] .. first[i+1]-1.
         counts = [len(ex.negatives) if cfg.hard_negatives else 0 for ex in self.examples]
-        self.negative_first = [0]
-        for c in counts:
-            self.negative_first.append(self.negative_first[-1] + c)
+        self.negative_first = [0, *itertools.accumulate(counts)]
         self.negative_ids = self.tokenizer([n for ex in self.examples for n in ex.negatives]) if sum(counts) else None
         self.order = BatchOrder(len(self.examples), cfg.batch_size, cfg.seed)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -389,10 +388,12 @@ class ContrastiveTrainer:
         saved = state.get("config", {})
         if "objective" not in saved:
             raise PaliGemmaError(f"'{path}' is the state of a captioning run; resume it without --objective")
+        defaults = ContrastiveTrainConfig()  # a run saved before a setting existed used its default
         for name in RESUME_FIXED:
-            if saved.get(name) != getattr(self.cfg, name):
+            used = saved.get(name, getattr(defaults, name))
+            if used != getattr(self.cfg, name):
                 raise PaliGemmaError(f"cannot resume '{self.out}' with {name} = {getattr(self.cfg, name)!r}: the run "
-                                     f"used {saved.get(name)!r}; start a new run to change it")
+                                     f"used {used!r}; start a new run to change it")
         self.model.load_state_dict(state["model"], strict=True)
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
