@@ -56,6 +56,8 @@ def train(
       paligemma train --config configs/demo.yaml --out runs/demo --resume
 
       paligemma train data/shapes/data.jsonl --objective siglip --model-config siglip-demo-64 --out runs/siglip
+
+      paligemma train data/captions/data.jsonl --objective siglip --model-config siglip-demo-64 --hard-negatives 2 --out runs/siglip
     """
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
