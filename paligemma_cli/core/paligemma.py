@@ -156,7 +156,20 @@ class PaliGemma(nn.Module):
         """
         if self._compiled_step is not None and pixel_values is None and attention_mask is None:
             return self._static_extend(cache, input_ids, token_type_ids)
-        B, T = input_ids.shape
+        start, end, positions = self._claim_slots(cache, input_ids, token_type_ids, attention_mask)
+        x = self.embed(input_ids, pixel_values)
+        q_slots = torch.arange(start, end, device=input_ids.device)
+        masks = self._masks(q_slots, cache.prefix[:, start:end], cache.valid[:, :end], cache.prefix[:, :end])
+        h = self.language_model(x, positions, masks, cache, last_only=True)  # (B, 1, D)
+        cache.length = end
+        return self.language_model.logits(h[:, -1])
+
+    def _claim_slots(self, cache: KVCache, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None,
+                     attention_mask: torch.Tensor | None) -> tuple[int, int, torch.Tensor]:
+        """Mark slots [start, end) of the cache for (B, T) new tokens (real/padding, prefix/suffix), advance
+        the rows' next RoPE positions, and return (start, end, positions (B, T)). `cache.length` is left
+        to the caller, to move once the tokens' keys and values are in."""
+        T = input_ids.shape[1]
         start, end = cache.length, cache.length + T
         if end > cache.max_len:
             raise PaliGemmaError(f"sequence of {end} tokens exceeds the cache ({cache.max_len})")
@@ -177,13 +190,7 @@ class PaliGemma(nn.Module):
             cache.prefix[:, start:end] = False
         else:
             cache.prefix[:, start:end] = prefix
-
-        x = self.embed(input_ids, pixel_values)
-        q_slots = torch.arange(start, end, device=input_ids.device)
-        masks = self._masks(q_slots, cache.prefix[:, start:end], cache.valid[:, :end], cache.prefix[:, :end])
-        h = self.language_model(x, positions, masks, cache, last_only=True)  # (B, 1, D)
-        cache.length = end
-        return self.language_model.logits(h[:, -1])
+        return start, end, positions
 
     # --- compiled decoding (opt-in) ---------------------------------------------------------------
 
@@ -209,14 +216,8 @@ class PaliGemma(nn.Module):
 
     def _static_extend(self, cache: KVCache, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None):
         """`extend` for text tokens without padding, through the compiled graph (see `compile_decode`)."""
-        B, T = input_ids.shape
-        start, end = cache.length, cache.length + T
-        if end > cache.max_len:
-            raise PaliGemmaError(f"sequence of {end} tokens exceeds the cache ({cache.max_len})")
-        cache.valid[:, start:end] = True
-        cache.prefix[:, start:end] = False if token_type_ids is None else token_type_ids == 0
-        positions = cache.next_pos[:, None] + torch.arange(T, device=input_ids.device)
-        cache.next_pos += T
+        start, end, positions = self._claim_slots(cache, input_ids, token_type_ids, None)
+        T = end - start
         cache.pos_bound = cache.max_len + 1  # a constant bound: one RoPE table size, one graph
         # Built here, not in the graph: a table made while compiling would differ from later ones and recompile.
         self.language_model.rope.reserve(cache.pos_bound, input_ids.device, self.dtype)

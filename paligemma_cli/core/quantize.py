@@ -93,19 +93,17 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
     (on CPU in float32 that saves memory but decodes ~3x slower than float32 weights).
     """
     out_features, in_features = weight.shape
-    if torch.compiler.is_compiling():
-        # Inside `torch.compile` the alignment checks below would break the graph; inductor's buffers are
-        # 64-byte aligned and rows of K % 16 == 0 bf16 values keep 32-byte alignment. Written as
-        # dequantize-then-matmul instead, inductor materialises a bf16 copy of every weight per step
-        # (measured: 3.8x slower decoding on PaliGemma 3B).
-        if x.device.type == "cpu" and x.dtype == torch.bfloat16 and in_features % 16 == 0:
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, in_features).contiguous(), weight, scales.to(x.dtype))
-            return y.view(*x.shape[:-1], out_features)
-        return F.linear(x, weight.to(x.dtype)) * scales.to(x.dtype)
+    # Inside `torch.compile` the pointer checks would break the graph; inductor's buffers are 64-byte
+    # aligned and rows of K % 16 == 0 bf16 values keep 32-byte alignment. (The dequantize-then-matmul
+    # fallback below would be worse there: inductor materialises a bf16 copy of every weight per step,
+    # measured 3.8x slower decoding on PaliGemma 3B.)
+    compiling = torch.compiler.is_compiling()
     if (x.device.type == "cpu" and x.dtype == torch.bfloat16 and in_features % 16 == 0
-            and weight.is_contiguous() and weight.data_ptr() % 64 == 0):
+            and (compiling or (weight.is_contiguous() and weight.data_ptr() % 64 == 0))):
         x2 = x.reshape(-1, in_features)
-        if not x2.is_contiguous() or x2.data_ptr() % 64:
+        if compiling:
+            x2 = x2.contiguous()
+        elif not x2.is_contiguous() or x2.data_ptr() % 64:
             x2 = x2.clone(memory_format=torch.contiguous_format)  # a fresh, aligned copy
         y = torch.ops.aten._weight_int8pack_mm(x2, weight, scales.to(x.dtype))
         return y.view(*x.shape[:-1], out_features)
