@@ -15,7 +15,9 @@ undoing is a patch applied only inside this script, for the length of one measur
   rope-table    precomputed cos/sin table -> cos/sin computed from the positions at every call
   bias-once     one attention bias per forward pass -> one per layer
 
-plus, measured from separate loads of the same checkpoint: float32 instead of bfloat16 weights, and
+plus "stock-layout", a second load of the same checkpoint kept in memory beside the first and measured
+in the same rotation: the weights as loaded, without `use_fast_cpu_layout` (bf16: no oneDNN packing;
+fp32: row-major); and, measured from separate loads afterwards: float32 instead of bfloat16 weights, and
 1 thread instead of all physical cores. After one uncounted warm-up run, each repetition runs every
 variant once, the order rotated by one place per repetition, so drift hits all alike; the table gives medians and each variant's ratio to the baseline (decode
 tokens/s: ablated / baseline, below 1 means the optimisation helps; TTFT: ablated / baseline, above
@@ -200,11 +202,17 @@ def main(argv=None) -> dict:
     pipe = speed.load("ours", prep["folder"], dtype, None)
     reference = run_once(pipe, batch, args.new_tokens, pad_id)["ids"]  # warm-up (faults the weights in), not counted
     names = ["baseline"] + [n for n in PATCHES if n not in skip]
+    pipes = dict.fromkeys(names, pipe)
+    if "stock-layout" not in skip:
+        with patched(paligemma.PaliGemma, "use_fast_cpu_layout", lambda self: self):
+            pipes["stock-layout"] = speed.load("ours", prep["folder"], dtype, None)
+        run_once(pipes["stock-layout"], batch, args.new_tokens, pad_id)  # warm-up, not counted
+        names.append("stock-layout")
     for rep in range(args.reps):
         order = names[rep % len(names):] + names[:rep % len(names)]  # each variant takes each turn in time
         for name in order:
             with PATCHES[name]() if name in PATCHES else contextlib.nullcontext():
-                record(name, run_once(pipe, batch, args.new_tokens, pad_id))
+                record(name, run_once(pipes[name], batch, args.new_tokens, pad_id))
         speed.log(f"rep {rep + 1}/{args.reps}: " + ", ".join(
             f"{k} {v[-1]['decode_tok_s']:.2f} tok/s {v[-1]['ttft_s']:.2f} s" for k, v in results.items()))
     if "1-thread" not in skip and threads > 1:
@@ -212,7 +220,7 @@ def main(argv=None) -> dict:
         for _ in range(args.reps):
             record("1-thread", run_once(pipe, batch, args.new_tokens, pad_id))
         torch.set_num_threads(threads)
-    del pipe
+    del pipe, pipes
     speed.release_memory()
     other = "bf16" if dtype == "fp32" else "fp32"
     if other not in skip:

@@ -84,7 +84,7 @@ PROMPT = "caption en"
 FOLLOW_UP = "answer en what is in the image?"
 BATCH = 8
 DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32"}
-SKIPPABLE = ("transformers", "rss", "process-start", "chat", "batch", "rooflines", "int8")
+SKIPPABLE = ("transformers", "rss", "process-start", "chat", "batch", "rooflines", "int8", "fast-layout")
 
 
 def log(msg: str) -> None:
@@ -590,12 +590,14 @@ def int8_available() -> bool:
     return "quantize" in inspect.signature(Pipeline.load).parameters
 
 
-def load(impl: str, folder: Path, dtype: str, quant: str | None):
+def load(impl: str, folder: Path, dtype: str, quant: str | None, fast: bool = False):
     import torch
 
     if impl == "ours":
         from paligemma_cli.core.pipeline import Pipeline
 
+        if fast:  # what chat, caption of a folder and eval load (`fast_layout`)
+            return Pipeline.load(folder, "cpu", dtype, quantize=quant, fast_layout=True)
         if quant:
             return Pipeline.load(folder, "cpu", dtype, quantize=quant)
         return Pipeline.load(folder, "cpu", dtype)
@@ -680,7 +682,7 @@ def child_rss(a) -> None:
     base = vm_hwm_gb()
     inputs = torch.load(a.inputs, weights_only=False)
     t0 = time.perf_counter()
-    obj = load(a.impl, Path(a.folder), a.dtypes, a.quantize if a.quantize != "none" else None)
+    obj = load(a.impl, Path(a.folder), a.dtypes, a.quantize if a.quantize != "none" else None, a.fast_layout)
     load_s = time.perf_counter() - t0
     after_load = rss_gb()
     peak_load = vm_hwm_gb()
@@ -693,6 +695,7 @@ def child_rss(a) -> None:
 def run_rss_child(variant: dict, prep: dict, args) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "rss", "--impl", variant["impl"],
            "--dtype", variant["dtype"], "--quantize", variant["quant"] or "none", "--folder", str(prep["folder"]),
+           *(["--fast-layout"] if variant.get("fast") else []),
            "--inputs", str(prep["inputs_file"]), "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]
     p = subprocess.run(cmd, capture_output=True, text=True, env=child_env(args.threads))
     if p.returncode != 0:
@@ -750,6 +753,8 @@ def variants(args, int8: bool) -> list[dict]:
     out = []
     for dt in args.dtypes:
         out.append({"name": f"ours {dt}", "impl": "ours", "dtype": dt, "quant": None})
+        if dt == "bf16" and "fast-layout" not in args.skip:
+            out.append({"name": f"ours {dt} fast layout", "impl": "ours", "dtype": dt, "quant": None, "fast": True})
         if "transformers" not in args.skip:
             out.append({"name": f"HF {dt}", "impl": "hf", "dtype": dt, "quant": None})
     if int8:
@@ -768,13 +773,13 @@ def measure_in_process(vs: list[dict], prep: dict, args) -> dict:
         for v in order:
             r = res[v["name"]]
             t0 = time.perf_counter()
-            obj = load(v["impl"], prep["folder"], v["dtype"], v["quant"])
+            obj = load(v["impl"], prep["folder"], v["dtype"], v["quant"], v.get("fast", False))
             r["load_s"].append(time.perf_counter() - t0)
             if rep == 0 and args.reps == 1:  # a warm load exists only from the second one on
                 del obj
                 release_memory()
                 t0 = time.perf_counter()
-                obj = load(v["impl"], prep["folder"], v["dtype"], v["quant"])
+                obj = load(v["impl"], prep["folder"], v["dtype"], v["quant"], v.get("fast", False))
                 r["load_s"].append(time.perf_counter() - t0)
             # Warm-up after every load: the first call also pays for faulting in memory-mapped weights and
             # for one-time kernel setup. It is reported on its own; the figures below are warm.
@@ -826,6 +831,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--child", choices=["rss"], help=argparse.SUPPRESS)
     ap.add_argument("--impl", help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
+    ap.add_argument("--fast-layout", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--inputs", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.threads = args.threads or physical_cores()
@@ -892,7 +898,9 @@ def main(argv=None) -> dict:
     starts = {}
     if "process-start" not in args.skip:
         for dt in args.dtypes:
-            group = [v for v in vs if v["dtype"] == dt and (v["quant"] is None or ask_has_quantize())]
+            # `ask` answers once and keeps the mapped weights: the fast-layout variant has no `ask` run.
+            group = [v for v in vs if v["dtype"] == dt and (v["quant"] is None or ask_has_quantize())
+                     and not v.get("fast")]
             for rep in range(args.reps):
                 for v in (group if rep % 2 == 0 else group[::-1]):
                     cmd = process_start_cmd(prep, v, args)
@@ -934,6 +942,11 @@ def main(argv=None) -> dict:
             if same < len(a["ids_b1"]) and a["ids_b1"][same] == 1:
                 note += " (then ours emits eos, which HF's min_new_tokens forbids; same work either way)"
             report.setdefault("greedy_agreement", {})[dt] = note
+        fast = out.get(f"ours {dt} fast layout")
+        if a and fast and a["ids_b1"] and fast["ids_b1"]:
+            same = fast["ids_b1"] == a["ids_b1"]
+            report.setdefault("greedy_agreement", {})[f"{dt} fast layout vs ours {dt}"] = (
+                "identical" if same else "differ")
     report["results"] = out
     report["loadavg_end"] = os.getloadavg()
     report["run_s"] = time.perf_counter() - t_run
@@ -1020,7 +1033,7 @@ def print_tables(report: dict) -> None:
     for n in names:
         cols.append(n)
         t.add_column(n, justify="right")
-        hf = n.replace("ours", "HF")
+        hf = n.replace("ours", "HF").removesuffix(" fast layout")
         if n.startswith("ours") and hf in res:
             cols.append(("ratio", n, hf))
             t.add_column(f"ours vs HF {res[n]['dtype']} (×, >1 ours better)", justify="right")

@@ -52,7 +52,7 @@ def caption(
     """
     from paligemma_cli.core.errors import PaliGemmaError
     from paligemma_cli.core.image import load_image
-    from paligemma_cli.runtime import load_pipeline, sampling_options, stderr_console
+    from paligemma_cli.runtime import FAST_LAYOUT_MIN_JOBS, load_pipeline, sampling_options, stderr_console
 
     console = stderr_console()
     images = find_images(paths, recursive)
@@ -65,7 +65,8 @@ def caption(
     if done:
         console.print(f"resuming: {len(done)} image(s) already in {out}, {len(todo)} to go")
     opts = sampling_options(max_tokens)
-    pipe = load_pipeline(model, device, dtype, console, quantize=quantize, compile=compile)
+    pipe = load_pipeline(model, device, dtype, console, quantize=quantize, compile=compile,
+                         fast_layout=len(todo) >= FAST_LAYOUT_MIN_JOBS)
 
     if resume and out is not None and out.exists() and not out.read_bytes().endswith(b"\n") and out.stat().st_size:
         with open(out, "a", encoding="utf-8") as f:

@@ -78,7 +78,7 @@ def chat(
     opts = sampling_options(max_tokens, temperature, top_k, top_p, seed)
     picture = load_image(image) if image else None  # fail on a bad image before paying for the model
     console = stderr_console()
-    pipe = load_pipeline(model, device, dtype, console, quantize=quantize, compile=compile)
+    pipe = load_pipeline(model, device, dtype, console, quantize=quantize, compile=compile, fast_layout=True)
     session = ChatSession(pipe, opts, exact=exact)
     if compile:
         with console.status("compiling the decoder (once per session)") if console.is_terminal else nullcontext():

@@ -49,7 +49,7 @@ def eval_command(
     from paligemma_cli.core.dataset import read_jsonl
     from paligemma_cli.core.errors import PaliGemmaError
     from paligemma_cli.core.evaluation import evaluate, select_examples
-    from paligemma_cli.runtime import load_pipeline, sampling_options, stderr_console
+    from paligemma_cli.runtime import FAST_LAYOUT_MIN_JOBS, load_pipeline, sampling_options, stderr_console
 
     console = stderr_console()
     if tasks and "retrieval" in tasks:
@@ -68,7 +68,8 @@ def eval_command(
     if not examples:
         raise PaliGemmaError(f"{data}: no examples to evaluate")
     opts = sampling_options(max_tokens)  # greedy: scores should not depend on a seed
-    pipe = load_pipeline(model, device, dtype, console, quantize=quantize, compile=compile)
+    pipe = load_pipeline(model, device, dtype, console, quantize=quantize, compile=compile,
+                         fast_layout=len(examples) >= FAST_LAYOUT_MIN_JOBS)
 
     try:
         out = open(predictions, "w", encoding="utf-8") if predictions else None

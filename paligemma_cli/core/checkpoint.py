@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from paligemma_cli.core.empty_init import empty_skeleton
 from paligemma_cli.core.config import PaliGemmaConfig
 from paligemma_cli.core.errors import PaliGemmaError
 
@@ -101,7 +102,7 @@ def stored_quantization(folder: Path) -> str | None:
 
 
 def load_model(path: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-               quantize: str | None = None):
+               quantize: str | None = None, mapped: bool = True):
     """Build a `PaliGemma` from a checkpoint folder, strictly, straight into `dtype` on `device`.
 
     The model is built on the `meta` device (no memory) and each tensor is taken from the file on its
@@ -112,7 +113,9 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: torch
 
     `quantize="int8"` quantizes the decoder (see `core.quantize`) tensor by tensor as it is read, so the
     float decoder never exists in memory. A folder saved quantized loads quantized whatever `quantize` says.
-    `dtype` is the activation dtype; by default the checkpoint's.
+    `dtype` is the activation dtype; by default the checkpoint's. `mapped=False` reads every tensor into
+    fresh memory instead of using the map, for a caller that replaces the weights anyway (e.g. with
+    `PaliGemma.use_fast_cpu_layout`): mapped pages once read would stay resident beside the copies.
     """
     from paligemma_cli.core.paligemma import PaliGemma
     from paligemma_cli.core.quantize import parse_quantize, quantize_model
@@ -122,7 +125,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: torch
     stored = stored_quantization(folder)
     quantize = parse_quantize(quantize)
     device = torch.device(device or "cpu")
-    with torch.device("meta"):
+    with empty_skeleton():
         model = PaliGemma(cfg)
         if stored or quantize:
             quantize_model(model)
@@ -157,7 +160,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: torch
                                                   "was not saved by `paligemma convert --quantize int8`")
                         raise PaliGemmaError(f"'{key}' in {file.name} is {str(src_dtype).removeprefix('torch.')}, "
                                              f"the model expects {wanted}{hint}")
-                    elif device.type == "cpu" and (src_dtype == dtype or not src_dtype.is_floating_point):
+                    elif mapped and device.type == "cpu" and (src_dtype == dtype or not src_dtype.is_floating_point):
                         t = mapped.get_tensor(key)  # used in place: no copy, pages read on first use
                         if t.dtype == torch.int8 and t.data_ptr() % 64:
                             t = reader.tensor(key)  # the CPU int8 kernel needs aligned weights
@@ -266,6 +269,11 @@ def save_model(model, folder: str | Path, tokenizer_dir: str | Path | None = Non
     Files are written into a temporary sibling folder which is then renamed; an existing folder of the
     same name is replaced only after the new one is complete.
     """
+    from paligemma_cli.core.packed_linear import is_packed
+
+    if is_packed(model):
+        raise PaliGemmaError("this model's weights are packed for fast CPU inference and cannot be saved; "
+                             "load it again without `use_fast_cpu_layout` to save it")
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))

@@ -28,6 +28,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from paligemma_cli.core.empty_init import empty_skeleton
 from paligemma_cli.core.config import PaliGemmaConfig, TextConfig, VisionConfig
 from paligemma_cli.core.errors import PaliGemmaError
 
@@ -299,7 +300,7 @@ def _from_big_vision(get: Callable[[str], torch.Tensor], cfg: PaliGemmaConfig) -
 def expected_npz_shapes(cfg: PaliGemmaConfig) -> dict[str, tuple[int, ...]]:
     from paligemma_cli.core.paligemma import PaliGemma
 
-    with torch.device("meta"):
+    with empty_skeleton():
         model = PaliGemma(cfg)
     return {k: tuple(a.shape) for k, a in _to_big_vision(model.state_dict(), cfg).items()}
 
@@ -340,7 +341,7 @@ def load_npz(path: str | Path, dtype: torch.dtype | None = None, progress: Calla
         state = {k: w.contiguous() for k, w in _from_big_vision(get, cfg).items()}
     finally:
         npz.close()
-    with torch.device("meta"):
+    with empty_skeleton():
         model = PaliGemma(cfg)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()

@@ -46,9 +46,15 @@ class Pipeline:
 
     @classmethod
     def load(cls, folder: str | Path, device: str = "auto", dtype: str = "auto",
-             quantize: str | None = "none") -> "Pipeline":
+             quantize: str | None = "none", fast_layout: bool = False) -> "Pipeline":
         """Model, tokenizer and processor of a checkpoint folder. `quantize="int8"`: int8 decoder weights
-        (see `core.quantize`), made while loading; a folder saved quantized is int8 either way."""
+        (see `core.quantize`), made while loading; a folder saved quantized is int8 either way.
+
+        `fast_layout`: give the weights the CPU's fastest layout (`PaliGemma.use_fast_cpu_layout`; in
+        bf16 decoding ~1.4-1.7x faster on PaliGemma 3B) at a one-time cost (4-7 s for 3B), worth it for
+        sessions that decode many tokens (chat, captioning a folder, eval), not for one short answer,
+        which is better served by the memory-mapped weights as they are (loaded in ~0.1 s).
+        """
         from paligemma_cli.core.checkpoint import load_model
         from paligemma_cli.core.device import pick_device, pick_dtype
         from paligemma_cli.core.processor import PaliGemmaProcessor
@@ -59,7 +65,9 @@ class Pipeline:
         folder = Path(folder)
         quantize = parse_quantize(quantize)
         dev = pick_device(device)
-        model = load_model(folder, dtype=pick_dtype(dtype, dev), device=dev, quantize=quantize)
+        model = load_model(folder, dtype=pick_dtype(dtype, dev), device=dev, quantize=quantize, mapped=not fast_layout)
+        if fast_layout:
+            model.use_fast_cpu_layout()
         tokenizer = PaliGemmaTokenizer.from_folder(folder)
         if tokenizer.image_token_id != model.config.image_token_id:
             raise PaliGemmaError(

@@ -28,6 +28,7 @@ from torch import nn
 from paligemma_cli.core.checkpoint import replace_folder, weight_files, write_safetensors
 from paligemma_cli.core.config import VisionConfig
 from paligemma_cli.core.contrastive_loss import SIGLIP_INIT_LOGIT_BIAS, SIGLIP_INIT_LOGIT_SCALE
+from paligemma_cli.core.empty_init import empty_skeleton
 from paligemma_cli.core.errors import PaliGemmaError
 from paligemma_cli.core.siglip import SiglipEncoder, SiglipMLP, SiglipVisionTower, init_siglip_weights
 
@@ -318,7 +319,7 @@ class DualEncoder(nn.Module):
         if not folder.is_dir():
             raise PaliGemmaError(f"model folder '{folder}' does not exist")
         cfg = SiglipConfig.from_json(folder / "config.json")
-        with torch.device("meta"):  # no memory until the real tensors arrive
+        with empty_skeleton():  # no memory until the real tensors arrive
             model = cls(cfg)
         expected = model.state_dict()
 

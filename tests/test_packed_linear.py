@@ -1,0 +1,90 @@
+"""bf16 linears packed for oneDNN (`core/packed_linear.py`) and the init-free model skeleton (`core/empty_init.py`)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from paligemma_cli.core.empty_init import empty_skeleton
+from paligemma_cli.core.errors import PaliGemmaError
+from paligemma_cli.core.model_source import DEMO_MODEL
+from paligemma_cli.core.packed_linear import PackedLinear, can_pack, is_packed
+from paligemma_cli.core.paligemma import PaliGemma
+from paligemma_cli.core.pipeline import Pipeline
+from tests.test_compile import IMAGE_TOKEN, tiny
+
+needs_onednn_bf16 = pytest.mark.skipif(not can_pack(torch.zeros(1, dtype=torch.bfloat16)),
+                                       reason="oneDNN has no bf16 matmul on this CPU")
+
+
+@needs_onednn_bf16
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_linear_gives_nn_linear_bits(bias):
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 160, bias=bias).to(torch.bfloat16)
+    packed = PackedLinear(linear)
+    x = torch.randn(2, 7, 2 * 96, dtype=torch.bfloat16)
+    for inp in (x[..., :96], x[..., ::2], x[0, -1:, :96], x[:, 3, :96]):  # 3-D, strided, 2-D views
+        # Against a contiguous input: on a strided 3-D one `nn.Linear` adds the bias after rounding the
+        # product to bf16 (two roundings, measured less accurate); the packed kernel rounds once, always.
+        assert torch.equal(packed(inp), linear(inp.contiguous()))
+
+
+@needs_onednn_bf16
+def test_fast_layout_packs_every_bf16_linear_and_keeps_the_logits():
+    model = tiny("gemma2").to(torch.bfloat16)
+    reference = copy.deepcopy(model)
+    n_linears = sum(type(m) is nn.Linear for m in model.modules())
+    model.use_fast_cpu_layout().use_fast_cpu_layout()  # idempotent
+    assert sum(isinstance(m, PackedLinear) for m in model.modules()) == n_linears > 0
+    assert not any(type(m) is nn.Linear for m in model.modules())
+    ids = torch.cat([torch.full((2, 4), IMAGE_TOKEN), torch.randint(3, 200, (2, 9))], 1)
+    pixels = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        assert torch.equal(model(ids, pixels), reference(ids, pixels))
+        caches = [m.new_cache(2, 20) for m in (model, reference)]
+        for step in (ids, ids[:, -1:], ids[:, -2:-1]):  # prefill, then decode steps through the cache
+            got, want = (m.extend(c, step, pixels if step is ids else None) for m, c in zip((model, reference), caches))
+            assert torch.equal(got, want)
+
+
+@needs_onednn_bf16
+def test_a_packed_model_is_not_saved(tmp_path):
+    model = tiny("gemma").to(torch.bfloat16).use_fast_cpu_layout()
+    assert is_packed(model)
+    with pytest.raises(PaliGemmaError, match="packed"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_pipeline_packs_only_with_fast_layout_and_answers_the_same():
+    fp32 = Pipeline.load(DEMO_MODEL, "cpu", "fp32", fast_layout=True).model
+    assert not is_packed(fp32) and any(type(m) is nn.Linear for m in fp32.modules())
+    mapped = Pipeline.load(DEMO_MODEL, "cpu", "bf16").model  # one short answer: weights as mapped
+    assert not is_packed(mapped)
+    if not can_pack(torch.zeros(1, dtype=torch.bfloat16)):
+        return
+    fast = Pipeline.load(DEMO_MODEL, "cpu", "bf16", fast_layout=True).model
+    assert is_packed(fast)
+    ids = torch.cat([torch.full((1, 64), fast.config.image_token_id), torch.randint(3, 1000, (1, 6))], 1)
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(fast(ids, pixels), mapped(ids, pixels))
+
+
+def test_empty_skeleton_skips_init_and_restores_it():
+    original = nn.init.normal_
+    with empty_skeleton():
+        assert nn.init.normal_ is not original
+        model = PaliGemma(tiny("gemma").config)
+    assert nn.init.normal_ is original
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    with pytest.raises(RuntimeError, match="boom"), empty_skeleton():
+        raise RuntimeError("boom")
+    assert nn.init.normal_ is original
+    t = torch.empty(1000)
+    nn.init.normal_(t)  # the real init again
+    assert t.std() > 0.5
