@@ -88,3 +88,23 @@ def test_empty_skeleton_skips_init_and_restores_it():
     t = torch.empty(1000)
     nn.init.normal_(t)  # the real init again
     assert t.std() > 0.5
+
+
+def test_released_pages_of_a_mapped_weight_read_back_the_same_and_other_memory_is_untouched(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from paligemma_cli.core.mapped_pages import release_mapped_pages, safetensors_mappings
+
+    weights = {"a": torch.randn(512, 1024), "b": torch.randn(300, 7)}
+    save_file(weights, str(tmp_path / "w.safetensors"))
+    with safe_open(str(tmp_path / "w.safetensors"), framework="pt") as f:
+        mapped = {k: f.get_tensor(k) for k in weights}
+    mappings = safetensors_mappings()
+    if not mappings:
+        pytest.skip("no /proc/self/maps here")
+    assert release_mapped_pages(mapped["a"], mappings) >= 512 * 1024 * 4 - 2 * 4096  # whole pages inside it
+    assert torch.equal(mapped["a"], weights["a"]) and torch.equal(mapped["b"], weights["b"])  # faulted back
+    anonymous = weights["a"].clone()
+    assert release_mapped_pages(anonymous, mappings) == 0  # not in a file mapping: left alone
+    assert torch.equal(anonymous, weights["a"])

@@ -102,7 +102,7 @@ def stored_quantization(folder: Path) -> str | None:
 
 
 def load_model(path: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-               quantize: str | None = None, mapped: bool = True):
+               quantize: str | None = None):
     """Build a `PaliGemma` from a checkpoint folder, strictly, straight into `dtype` on `device`.
 
     The model is built on the `meta` device (no memory) and each tensor is taken from the file on its
@@ -113,9 +113,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: torch
 
     `quantize="int8"` quantizes the decoder (see `core.quantize`) tensor by tensor as it is read, so the
     float decoder never exists in memory. A folder saved quantized loads quantized whatever `quantize` says.
-    `dtype` is the activation dtype; by default the checkpoint's. `mapped=False` reads every tensor into
-    fresh memory instead of using the map, for a caller that replaces the weights anyway (e.g. with
-    `PaliGemma.use_fast_cpu_layout`): mapped pages once read would stay resident beside the copies.
+    `dtype` is the activation dtype; by default the checkpoint's.
     """
     from paligemma_cli.core.paligemma import PaliGemma
     from paligemma_cli.core.quantize import parse_quantize, quantize_model
@@ -160,7 +158,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: torch
                                                   "was not saved by `paligemma convert --quantize int8`")
                         raise PaliGemmaError(f"'{key}' in {file.name} is {str(src_dtype).removeprefix('torch.')}, "
                                              f"the model expects {wanted}{hint}")
-                    elif mapped and device.type == "cpu" and (src_dtype == dtype or not src_dtype.is_floating_point):
+                    elif device.type == "cpu" and (src_dtype == dtype or not src_dtype.is_floating_point):
                         t = mapped.get_tensor(key)  # used in place: no copy, pages read on first use
                         if t.dtype == torch.int8 and t.data_ptr() % 64:
                             t = reader.tensor(key)  # the CPU int8 kernel needs aligned weights

@@ -75,8 +75,10 @@ class PaliGemma(nn.Module):
         trained or saved. The tied output head stays as it is: packing it would need a second copy of
         the embedding table. GPU weights and int8 ones are left alone. Idempotent; returns the model.
         """
+        from paligemma_cli.core.mapped_pages import release_mapped_pages, safetensors_mappings
         from paligemma_cli.core.packed_linear import PackedLinear, can_pack
 
+        mappings = safetensors_mappings()
         for parent in list(self.modules()):
             for name, module in list(parent.named_children()):
                 if type(module) is not nn.Linear:
@@ -84,6 +86,9 @@ class PaliGemma(nn.Module):
                 w = module.weight
                 if can_pack(w):
                     setattr(parent, name, PackedLinear(module))
+                    # The packed copy replaces the weight: its pages in the checkpoint's mapping, read to
+                    # pack it, would otherwise stay counted in memory beside the copy.
+                    release_mapped_pages(w, mappings)
                 elif w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous():
                     module.weight.data = w.data.t().contiguous().t()
         return self

@@ -65,7 +65,7 @@ class Pipeline:
         folder = Path(folder)
         quantize = parse_quantize(quantize)
         dev = pick_device(device)
-        model = load_model(folder, dtype=pick_dtype(dtype, dev), device=dev, quantize=quantize, mapped=not fast_layout)
+        model = load_model(folder, dtype=pick_dtype(dtype, dev), device=dev, quantize=quantize)
         if fast_layout:
             model.use_fast_cpu_layout()
         tokenizer = PaliGemmaTokenizer.from_folder(folder)
