@@ -51,7 +51,7 @@ class Pipeline:
         (see `core.quantize`), made while loading; a folder saved quantized is int8 either way.
 
         `fast_layout`: give the weights the CPU's fastest layout (`PaliGemma.use_fast_cpu_layout`; in
-        bf16 decoding ~1.4-1.7x faster on PaliGemma 3B) at a one-time cost (4-7 s for 3B), worth it for
+        bf16 decoding ~1.4-1.7x faster on PaliGemma 3B) at a one-time cost (3-5 s for 3B), worth it for
         sessions that decode many tokens (chat, captioning a folder, eval), not for one short answer,
         which is better served by the memory-mapped weights as they are (loaded in ~0.1 s).
         """
