@@ -7,6 +7,7 @@ captures only the answer.
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 
 
 def stderr_console():
@@ -29,10 +30,7 @@ def load_pipeline(model: str | None, device: str, dtype: str, console=None, quan
 
     folder = resolve_model(model)
     console = console or stderr_console()
-    if console.is_terminal:
-        with console.status(f"loading {folder}"):
-            pipe = Pipeline.load(folder, device, dtype, quantize, fast_layout or compile)
-    else:
+    with console.status(f"loading {folder}") if console.is_terminal else nullcontext():
         pipe = Pipeline.load(folder, device, dtype, quantize, fast_layout or compile)
     if _int8_in_float32_on_cpu(pipe.model):
         console.print("note: int8 weights with float32 activations save memory but decode slower than float32 "

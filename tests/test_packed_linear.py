@@ -60,13 +60,16 @@ def test_a_packed_model_is_not_saved(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_pipeline_packs_only_with_fast_layout_and_answers_the_same():
+def test_pipeline_keeps_mapped_weights_by_default_and_float32_linears_with_fast_layout():
     fp32 = Pipeline.load(DEMO_MODEL, "cpu", "fp32", fast_layout=True).model
     assert not is_packed(fp32) and any(type(m) is nn.Linear for m in fp32.modules())
     mapped = Pipeline.load(DEMO_MODEL, "cpu", "bf16").model  # one short answer: weights as mapped
-    assert not is_packed(mapped)
-    if not can_pack(torch.zeros(1, dtype=torch.bfloat16)):
-        return
+    assert not is_packed(mapped) and any(type(m) is nn.Linear for m in mapped.modules())
+
+
+@needs_onednn_bf16
+def test_pipeline_fast_layout_packs_bf16_and_answers_the_same():
+    mapped = Pipeline.load(DEMO_MODEL, "cpu", "bf16").model
     fast = Pipeline.load(DEMO_MODEL, "cpu", "bf16", fast_layout=True).model
     assert is_packed(fast)
     ids = torch.cat([torch.full((1, 64), fast.config.image_token_id), torch.randint(3, 1000, (1, 6))], 1)

@@ -14,7 +14,7 @@ from paligemma_cli.core.checkpoint import load_model, weight_files
 from paligemma_cli.core.errors import PaliGemmaError
 from paligemma_cli.core.generate import SamplingOptions
 from paligemma_cli.core.pipeline import Pipeline
-from paligemma_cli.core.quantize import (INT8_KERNEL_MAX_ROWS, QuantizedEmbedding, QuantizedLinear, int8_linear, is_quantized,
+from paligemma_cli.core.quantize import (INT8_DEQUANTIZE_FROM_ROWS, QuantizedEmbedding, QuantizedLinear, int8_linear, is_quantized,
                                          quantize_model, quantize_per_channel)
 from tests.cli_fixtures import make_tiny_checkpoint, write_images
 
@@ -127,8 +127,8 @@ def test_cpu_bf16_uses_the_int8pack_kernel_and_agrees_with_the_fallback():
 def test_a_bf16_prefill_of_many_rows_takes_the_bf16_matmul_and_agrees_with_the_kernel():
     torch.manual_seed(3)
     q, s = quantize_per_channel(torch.randn(72, 64), torch.bfloat16)
-    few = torch.randn(1, INT8_KERNEL_MAX_ROWS - 1, 64, dtype=torch.bfloat16)
-    many = torch.randn(2, INT8_KERNEL_MAX_ROWS, 64, dtype=torch.bfloat16)
+    few = torch.randn(1, INT8_DEQUANTIZE_FROM_ROWS - 1, 64, dtype=torch.bfloat16)
+    many = torch.randn(2, INT8_DEQUANTIZE_FROM_ROWS, 64, dtype=torch.bfloat16)
     kernel = torch.ops.aten._weight_int8pack_mm
     assert torch.equal(int8_linear(few, q, s), kernel(few[0], q, s)[None])
     got = int8_linear(many, q, s)

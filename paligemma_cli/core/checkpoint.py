@@ -23,8 +23,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from paligemma_cli.core.empty_init import empty_skeleton
 from paligemma_cli.core.config import PaliGemmaConfig
+from paligemma_cli.core.empty_init import empty_skeleton
 from paligemma_cli.core.errors import PaliGemmaError
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

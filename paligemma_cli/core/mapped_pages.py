@@ -12,12 +12,18 @@ call would zero the data. Linux only; elsewhere a no-op.
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import sys
 
 import torch
 
 _MADV_DONTNEED = 4
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def safetensors_mappings() -> list[tuple[int, int]]:
@@ -43,7 +49,6 @@ def release_mapped_pages(t: torch.Tensor, mappings: list[tuple[int, int]]) -> in
     start, end = -(-first // page) * page, last // page * page  # whole pages only: neighbours keep theirs
     if end <= start or not any(lo <= start and end <= hi for lo, hi in mappings):
         return 0
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED) != 0:
+    if _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED) != 0:
         return 0
     return end - start

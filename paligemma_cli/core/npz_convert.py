@@ -28,8 +28,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from paligemma_cli.core.empty_init import empty_skeleton
 from paligemma_cli.core.config import PaliGemmaConfig, TextConfig, VisionConfig
+from paligemma_cli.core.empty_init import empty_skeleton
 from paligemma_cli.core.errors import PaliGemmaError
 
 ENC = "img/Transformer/encoderblock/"

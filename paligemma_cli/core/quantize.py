@@ -82,7 +82,7 @@ def quantize_per_channel(w: torch.Tensor, scales_dtype: torch.dtype | None = Non
 # From this many rows on (a prompt's prefill, not decoding), converting the weight to bf16 and calling the
 # bf16 matmul beats the int8 kernel, whose cost grows with the rows: PaliGemma 3B's MLP shapes, 2 threads,
 # AMD EPYC: 64 rows 1.0x, 262 rows 2.0-2.7x, 2096 rows (8 prompts) 2.3-3.2x faster; 32 rows 0.5-0.7x.
-INT8_KERNEL_MAX_ROWS = 64
+INT8_DEQUANTIZE_FROM_ROWS = 64
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -97,7 +97,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
     (measured: 4096x1024, 64 rows: 400 ms against 7 ms), and its CUDA kernel is, in torch's sources, a
     float32-only loop; so every other case converts the weight to x's dtype and calls the ordinary matmul
     (on CPU in float32 that saves memory but decodes ~3x slower than float32 weights). So does a bf16
-    prefill of `INT8_KERNEL_MAX_ROWS` rows or more, where the bf16 matmul is the faster of the two.
+    prefill of `INT8_DEQUANTIZE_FROM_ROWS` rows or more, where the bf16 matmul is the faster of the two.
     """
     out_features, in_features = weight.shape
     rows = x.numel() // in_features
@@ -107,7 +107,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
     # measured 3.8x slower decoding on PaliGemma 3B.)
     compiling = torch.compiler.is_compiling()
     if (x.device.type == "cpu" and x.dtype == torch.bfloat16 and in_features % 16 == 0
-            and (compiling or (rows < INT8_KERNEL_MAX_ROWS and weight.is_contiguous() and weight.data_ptr() % 64 == 0))):
+            and (compiling or (rows < INT8_DEQUANTIZE_FROM_ROWS and weight.is_contiguous() and weight.data_ptr() % 64 == 0))):
         x2 = x.reshape(-1, in_features)
         if compiling:
             x2 = x2.contiguous()
