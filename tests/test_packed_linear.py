@@ -39,8 +39,13 @@ def test_fast_layout_packs_every_bf16_linear_and_keeps_the_logits():
     reference = copy.deepcopy(model)
     n_linears = sum(type(m) is nn.Linear for m in model.modules())
     model.use_fast_cpu_layout().use_fast_cpu_layout()  # idempotent
-    assert sum(isinstance(m, PackedLinear) for m in model.modules()) == n_linears > 0
+    # Each decoder layer's q|k|v became one linear, and gate|up another: 3 fewer per layer.
+    n_fused = 3 * len(model.language_model.layers)
+    assert sum(isinstance(m, PackedLinear) for m in model.modules()) == n_linears - n_fused > 0
     assert not any(type(m) is nn.Linear for m in model.modules())
+    attn, mlp = model.language_model.layers[0].self_attn, model.language_model.layers[0].mlp
+    assert (attn.qkv_proj.out_features, mlp.gate_up_proj.out_features) == (4 * 8 + 2 * 2 * 8, 2 * 64)
+    assert not hasattr(attn, "q_proj") and not hasattr(mlp, "up_proj")  # no second copy of the weights
     ids = torch.cat([torch.full((2, 4), IMAGE_TOKEN), torch.randint(3, 200, (2, 9))], 1)
     pixels = torch.randn(2, 3, 16, 16)
     with torch.inference_mode():

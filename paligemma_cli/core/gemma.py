@@ -114,21 +114,28 @@ class GemmaAttention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
         self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.qkv_proj = None  # q|k|v as one linear, in place of the three (inference; see `core/fused_linear.py`)
 
     def forward(self, x, cos, sin, bias, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
         """x: (B, T, D); cos, sin: (B, T, 1, hd) from `RopeTable`; bias: (B, 1, T*G, S) from `attention_bias`.
 
-        With `last_only`, keys and values are computed (and cached) for all T tokens but the query only
-        for the last one, and (B, 1, D) is returned; `bias` must then hold only the last token's G rows.
+        With `last_only`, keys and values are computed (and cached) for all T tokens but the query is used
+        for the last one only (and computed only for it unless fused), and (B, 1, D) is returned; `bias`
+        must then hold only the last token's G rows.
         """
         B, T, _ = x.shape
         H, KV, hd = self.n_heads, self.n_kv, self.head_dim
         G = H // KV
-        k = apply_rope_folded(self.k_proj(x).view(B, T, KV, hd), cos, sin).transpose(1, 2)  # (B, KV, T, hd)
-        v = self.v_proj(x).view(B, T, KV, hd).transpose(1, 2)
+        if self.qkv_proj is None:
+            q, k, v = self.q_proj(x[:, -1:] if last_only else x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = self.qkv_proj(x).split((H * hd, KV * hd, KV * hd), dim=-1)
+            q = q[:, -1:] if last_only else q
+        k = apply_rope_folded(k.view(B, T, KV, hd), cos, sin).transpose(1, 2)  # (B, KV, T, hd)
+        v = v.view(B, T, KV, hd).transpose(1, 2)
         if last_only:
-            x, cos, sin, T = x[:, -1:], cos[:, -1:], sin[:, -1:], 1
-        q = apply_rope_folded(self.q_proj(x).view(B, T, H, hd), cos, sin)  # (B, T, H, hd)
+            cos, sin, T = cos[:, -1:], sin[:, -1:], 1
+        q = apply_rope_folded(q.view(B, T, H, hd), cos, sin)  # (B, T, H, hd)
         if cache is not None:
             k, v = cache.write(self.layer_idx, k, v)  # (B, KV, S, hd)
         # Grouped-query attention without repeating K/V: the G query heads that share a kv head are
@@ -153,9 +160,14 @@ class GemmaMLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = None  # gate|up as one linear, in place of the two (inference; `core/fused_linear.py`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
 class GemmaDecoderLayer(nn.Module):
