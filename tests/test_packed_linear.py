@@ -57,6 +57,25 @@ def test_fast_layout_packs_every_bf16_linear_and_keeps_the_logits():
 
 
 @needs_onednn_bf16
+def test_projections_larger_than_the_bound_stay_separate(monkeypatch):
+    import paligemma_cli.core.paligemma as paligemma
+
+    model = tiny("gemma").to(torch.bfloat16)
+    attn = model.language_model.layers[0].self_attn
+    qkv_bytes = sum(getattr(attn, n).weight.nbytes for n in ("q_proj", "k_proj", "v_proj"))  # 4 KB; gate|up 8 KB
+    monkeypatch.setattr(paligemma, "FUSE_MAX_BYTES", qkv_bytes)
+    reference = copy.deepcopy(model)
+    model.use_fast_cpu_layout()
+    for layer in model.language_model.layers:
+        assert isinstance(layer.self_attn.qkv_proj, PackedLinear) and layer.mlp.gate_up_proj is None
+        assert isinstance(layer.mlp.gate_proj, PackedLinear) and isinstance(layer.mlp.up_proj, PackedLinear)
+    ids = torch.cat([torch.full((1, 4), IMAGE_TOKEN), torch.randint(3, 200, (1, 5))], 1)
+    pixels = torch.randn(1, 3, 16, 16)
+    with torch.inference_mode():
+        assert torch.equal(model(ids, pixels), reference(ids, pixels))
+
+
+@needs_onednn_bf16
 def test_a_packed_model_is_not_saved(tmp_path):
     model = tiny("gemma").to(torch.bfloat16).use_fast_cpu_layout()
     assert is_packed(model)
