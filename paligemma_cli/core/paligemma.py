@@ -26,9 +26,9 @@ COMPILED_CACHE_STEP = 256  # cache lengths of a compiled model are multiples of 
 
 # Inductor settings for `compile_decode` on the CPU: the graph's kernels are called from generated C++
 # rather than Python. On a small model per-op costs are most of a short question: the demo model's
-# follow-up question in `chat --compile` took 2.2 ms with the Python wrapper, 1.7 ms with the C++ one
-# (bf16, one thread; bench/chat_ttft.py). Compiling takes longer the first time (~22 s instead of ~6 s
-# for the demo model), then comes from inductor's on-disk cache (~5 s).
+# follow-up question in `chat --compile` took 2.0-2.6 ms with the Python wrapper, 1.6-1.8 ms with the C++
+# one (bf16, one thread, medians of 30 follow-ups in each of 2-4 runs). Compiling takes longer the first
+# time (~22 s instead of ~6 s for the demo model), then comes from inductor's on-disk cache (~5 s).
 CPU_COMPILE_OPTIONS = {"cpp_wrapper": True}
 
 # `use_fast_cpu_layout` merges projections that read the same input (q|k|v, gate|up) when together they
