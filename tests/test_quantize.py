@@ -14,8 +14,8 @@ from paligemma_cli.core.checkpoint import load_model, weight_files
 from paligemma_cli.core.errors import PaliGemmaError
 from paligemma_cli.core.generate import SamplingOptions
 from paligemma_cli.core.pipeline import Pipeline
-from paligemma_cli.core.quantize import (INT8_DEQUANTIZE_FROM_ROWS, QuantizedEmbedding, QuantizedLinear, int8_linear, is_quantized,
-                                         quantize_model, quantize_per_channel)
+from paligemma_cli.core.quantize import (INT8_DEQUANTIZE_FROM_ROWS, QuantizedEmbedding, QuantizedLinear, int8_linear,
+                                         is_quantized, quantize_model, quantize_per_channel)
 from tests.cli_fixtures import make_tiny_checkpoint, write_images
 
 runner = CliRunner()

@@ -107,7 +107,8 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
     # measured 3.8x slower decoding on PaliGemma 3B.)
     compiling = torch.compiler.is_compiling()
     if (x.device.type == "cpu" and x.dtype == torch.bfloat16 and in_features % 16 == 0
-            and (compiling or (rows < INT8_DEQUANTIZE_FROM_ROWS and weight.is_contiguous() and weight.data_ptr() % 64 == 0))):
+            and (compiling or (rows < INT8_DEQUANTIZE_FROM_ROWS and weight.is_contiguous()
+                               and weight.data_ptr() % 64 == 0))):
         x2 = x.reshape(-1, in_features)
         if compiling:
             x2 = x2.contiguous()
