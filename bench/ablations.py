@@ -46,8 +46,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import speed  # noqa: E402  (bench/speed.py: checkpoints, loading, timing)
-from paligemma_cli.core import gemma, paligemma  # noqa: E402
-from paligemma_cli.core.kv_cache import KVCache  # noqa: E402
+from paligemma_cli.model import gemma, paligemma  # noqa: E402
+from paligemma_cli.model.kv_cache import KVCache  # noqa: E402
 
 
 @contextlib.contextmanager

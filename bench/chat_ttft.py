@@ -36,21 +36,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import paligemma_cli.core.chat_session as chat_session_module  # noqa: E402
-import paligemma_cli.core.pipeline as pipeline_module  # noqa: E402
-from paligemma_cli.core.chat_session import ChatSession  # noqa: E402
-from paligemma_cli.core.generate import SamplingOptions  # noqa: E402
-from paligemma_cli.core.pipeline import Pipeline  # noqa: E402
+import paligemma_cli.inference.chat_session as chat_session_module  # noqa: E402
+import paligemma_cli.inference.pipeline as pipeline_module  # noqa: E402
+from paligemma_cli.inference.chat_session import ChatSession  # noqa: E402
+from paligemma_cli.inference.generate import SamplingOptions  # noqa: E402
+from paligemma_cli.inference.pipeline import Pipeline  # noqa: E402
 
 
 def random_demo_pipeline(device: str, image_size: int | None = None) -> Pipeline:
     """A random model of the `demo-64` shape with the tiny test tokenizer (no trained model needed)."""
     import torch
 
-    from paligemma_cli.core.config import PaliGemmaConfig
-    from paligemma_cli.core.paligemma import PaliGemma
-    from paligemma_cli.core.processor import PaliGemmaProcessor
-    from paligemma_cli.core.tokenizer import PaliGemmaTokenizer
+    from paligemma_cli.model.config import PaliGemmaConfig
+    from paligemma_cli.model.paligemma import PaliGemma
+    from paligemma_cli.processing.processor import PaliGemmaProcessor
+    from paligemma_cli.processing.tokenizer import PaliGemmaTokenizer
     from tests.tokenizer_fixture import make_tiny_tokenizer
 
     folder = Path(tempfile.mkdtemp())
@@ -65,7 +65,7 @@ def random_demo_pipeline(device: str, image_size: int | None = None) -> Pipeline
 
 def load(model: str, device: str, dtype: str, image_size: int | None) -> tuple[Pipeline, str]:
     if model == "demo":
-        from paligemma_cli.core.model_source import DEMO_MODEL
+        from paligemma_cli.settings import DEMO_MODEL
 
         return Pipeline.load(DEMO_MODEL, device, dtype), f"built-in demo model ({DEMO_MODEL})"
     if model != "none" and Path(model).is_dir():

@@ -27,12 +27,12 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from paligemma_cli.core.contrastive_training import run_contrastive_training  # noqa: E402
-from paligemma_cli.core.dataset import read_jsonl  # noqa: E402
-from paligemma_cli.core.retrieval import evaluate_retrieval, match_matrix  # noqa: E402
-from paligemma_cli.core.shapes import write_dataset  # noqa: E402
-from paligemma_cli.core.siglip_dual_encoder import DualEncoder  # noqa: E402
-from paligemma_cli.core.siglip_tokenizer import SiglipTokenizer  # noqa: E402
+from paligemma_cli.training.contrastive import run_contrastive_training  # noqa: E402
+from paligemma_cli.data.jsonl import read_jsonl  # noqa: E402
+from paligemma_cli.evaluation.retrieval import evaluate_retrieval, match_matrix  # noqa: E402
+from paligemma_cli.data.shapes import write_dataset  # noqa: E402
+from paligemma_cli.model.dual_encoder_tmp import DualEncoder  # noqa: E402
+from paligemma_cli.processing.siglip_tokenizer import SiglipTokenizer  # noqa: E402
 
 
 def main() -> None:

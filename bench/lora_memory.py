@@ -30,11 +30,11 @@ def main() -> None:
 
     import torch
 
-    from paligemma_cli.core.config import PaliGemmaConfig
-    from paligemma_cli.core.paligemma import PaliGemma
-    from paligemma_cli.core.shapes import write_dataset
-    from paligemma_cli.core.tokenizer import PaliGemmaTokenizer
-    from paligemma_cli.core.tokenizer_training import train_tokenizer
+    from paligemma_cli.model.config import PaliGemmaConfig
+    from paligemma_cli.model.paligemma import PaliGemma
+    from paligemma_cli.data.shapes import write_dataset
+    from paligemma_cli.processing.tokenizer import PaliGemmaTokenizer
+    from paligemma_cli.training.tokenizer_training import train_tokenizer
 
     work = Path(args.work)
     ckpt = work / args.config

@@ -2,7 +2,7 @@
 
 One run of this script measures, on one named model shape and on identical inputs (the same
 `pixel_values` and the `input_ids` built by this project's processor), for this project ("ours", also
-with `--quantize int8` where `paligemma_cli.core.quantize` exists) and for
+with `--quantize int8` where `paligemma_cli.speed.quantize` exists) and for
 `transformers.PaliGemmaForConditionalGeneration` ("HF"), in each dtype of `--dtype`:
 
   load           `Pipeline.load` / `from_pretrained`; the first load of the run, warm loads (every
@@ -181,7 +181,7 @@ def median(xs):
 
 
 def model_config(name: str):
-    from paligemma_cli.core.config import PaliGemmaConfig
+    from paligemma_cli.model.config import PaliGemmaConfig
 
     if name == "demo":
         return PaliGemmaConfig.from_json(DEMO_FOLDER / "config.json")
@@ -428,7 +428,7 @@ def build_random_checkpoint(cfg_name: str, folder: Path) -> dict:
     import transformers
     from transformers import PaliGemmaForConditionalGeneration
 
-    from paligemma_cli.core.tokenizer import PaliGemmaTokenizer
+    from paligemma_cli.processing.tokenizer import PaliGemmaTokenizer
     from tests.tokenizer_fixture import make_tiny_tokenizer
 
     t_start = time.perf_counter()
@@ -437,7 +437,7 @@ def build_random_checkpoint(cfg_name: str, folder: Path) -> dict:
     tmp.mkdir(parents=True)
     tok = PaliGemmaTokenizer.from_file(make_tiny_tokenizer(tmp))
     preset, overrides = CONFIGS.get(cfg_name, (cfg_name, {}))
-    from paligemma_cli.core.config import PaliGemmaConfig
+    from paligemma_cli.model.config import PaliGemmaConfig
 
     cfg = PaliGemmaConfig.from_name(preset, **overrides, image_token_id=tok.image_token_id)
     hf_cfg = transformers.PaliGemmaConfig.from_dict(cfg.to_dict())
@@ -498,9 +498,9 @@ def prepare(cfg_name: str, cache: Path, need_hf: bool) -> dict:
     """The checkpoint folder, inputs file and image for `cfg_name`, built once into `cache`."""
     import torch
 
-    from paligemma_cli.core.config import PaliGemmaConfig
-    from paligemma_cli.core.processor import PaliGemmaProcessor
-    from paligemma_cli.core.tokenizer import PaliGemmaTokenizer
+    from paligemma_cli.model.config import PaliGemmaConfig
+    from paligemma_cli.processing.processor import PaliGemmaProcessor
+    from paligemma_cli.processing.tokenizer import PaliGemmaTokenizer
 
     if cfg_name == "demo":
         work = cache / "demo"
@@ -582,10 +582,10 @@ def int8_available() -> bool:
     try:
         import importlib
 
-        importlib.import_module("paligemma_cli.core.quantize")
+        importlib.import_module("paligemma_cli.speed.quantize")
     except ImportError:
         return False
-    from paligemma_cli.core.pipeline import Pipeline
+    from paligemma_cli.inference.pipeline import Pipeline
 
     return "quantize" in inspect.signature(Pipeline.load).parameters
 
@@ -594,7 +594,7 @@ def load(impl: str, folder: Path, dtype: str, quant: str | None, fast: bool = Fa
     import torch
 
     if impl == "ours":
-        from paligemma_cli.core.pipeline import Pipeline
+        from paligemma_cli.inference.pipeline import Pipeline
 
         if fast:  # what chat, caption of a folder and eval load (`fast_layout`)
             return Pipeline.load(folder, "cpu", dtype, quantize=quant, fast_layout=True)
@@ -612,7 +612,7 @@ def generate(impl: str, obj, batch: dict, new_tokens: int, pad_id: int) -> dict:
 
     t0 = time.perf_counter()
     if impl == "ours":
-        from paligemma_cli.core.generate import SamplingOptions, generate_tokens
+        from paligemma_cli.inference.generate import SamplingOptions, generate_tokens
 
         first, steps = None, []
         for token in generate_tokens(obj.model, batch, SamplingOptions(max_new_tokens=new_tokens), -1, pad_id):
@@ -650,8 +650,8 @@ def generate(impl: str, obj, batch: dict, new_tokens: int, pad_id: int) -> dict:
 
 
 def chat_ttft(pipe, image) -> dict:
-    from paligemma_cli.core.chat_session import ChatSession
-    from paligemma_cli.core.generate import SamplingOptions
+    from paligemma_cli.inference.chat_session import ChatSession
+    from paligemma_cli.inference.generate import SamplingOptions
 
     chat = ChatSession(pipe, SamplingOptions(max_new_tokens=1))
     chat.set_image(image)
@@ -676,9 +676,9 @@ def child_rss(a) -> None:
     else:
         import sentencepiece  # noqa: F401
 
-        import paligemma_cli.core.checkpoint  # noqa: F401
-        import paligemma_cli.core.paligemma  # noqa: F401
-        from paligemma_cli.core.pipeline import Pipeline  # noqa: F401
+        import paligemma_cli.checkpoints.hf  # noqa: F401
+        import paligemma_cli.model.paligemma  # noqa: F401
+        from paligemma_cli.inference.pipeline import Pipeline  # noqa: F401
     base = vm_hwm_gb()
     inputs = torch.load(a.inputs, weights_only=False)
     t0 = time.perf_counter()
@@ -818,7 +818,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--config", default="demo", help="demo, mid, or a preset name (paligemma-3b-224, ...)")
     ap.add_argument("--dtype", default="bf16,fp32", help="comma list of bf16, fp32")
     ap.add_argument("--quantize", default="auto", choices=["auto", "int8", "none"],
-                    help="int8 rows for ours (auto: when paligemma_cli.core.quantize exists)")
+                    help="int8 rows for ours (auto: when paligemma_cli.speed.quantize exists)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="default: physical cores available")
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -879,7 +879,7 @@ def main(argv=None) -> dict:
                   params=param_count(cfg), model=cfg.to_dict())
     int8 = "int8" not in args.skip and args.quantize != "none" and int8_available()
     if args.quantize == "int8" and not int8:
-        log("int8 asked for, but paligemma_cli.core.quantize / Pipeline.load(quantize=) is not there: no int8 rows")
+        log("int8 asked for, but paligemma_cli.speed.quantize / Pipeline.load(quantize=) is not there: no int8 rows")
     report["int8_rows"] = int8
     vs = variants(args, int8)
     rss = {}  # first, while this process is still small (nothing it allocates can show in a child)

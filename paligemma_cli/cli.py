@@ -15,7 +15,7 @@ from typing import Annotated, Callable
 import typer
 
 from paligemma_cli import __version__
-from paligemma_cli.core.errors import PaliGemmaError
+from paligemma_cli.errors import PaliGemmaError
 
 ENTRY_POINT_GROUP = "paligemma.commands"
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from paligemma_cli.core.config import PaliGemmaConfig, TextConfig, VisionConfig
-from paligemma_cli.core.paligemma import PaliGemma
-from paligemma_cli.core.tokenizer import PaliGemmaTokenizer
+from paligemma_cli.model.config import PaliGemmaConfig, TextConfig, VisionConfig
+from paligemma_cli.model.paligemma import PaliGemma
+from paligemma_cli.processing.tokenizer import PaliGemmaTokenizer
 from tests.tokenizer_fixture import make_tiny_tokenizer
 
 

@@ -21,7 +21,7 @@ def load_speed():
 
 def test_decode_bytes_of_paligemma_3b():
     speed = load_speed()
-    from paligemma_cli.core.config import PaliGemmaConfig
+    from paligemma_cli.model.config import PaliGemmaConfig
 
     shapes = speed.linear_shapes(PaliGemmaConfig.from_name("paligemma-3b-224"))
     # Per layer q, o 2048x2048, k, v 256x2048, gate, up, down 16384x2048; 18 layers; the head once.
@@ -31,7 +31,7 @@ def test_decode_bytes_of_paligemma_3b():
 
 def test_prefill_work_scales_with_batch_and_skips_the_last_layers_tail():
     speed = load_speed()
-    from paligemma_cli.core.config import PaliGemmaConfig
+    from paligemma_cli.model.config import PaliGemmaConfig
 
     cfg = PaliGemmaConfig.from_name("paligemma-3b-224", text__num_hidden_layers=2)
     one, eight = speed.prefill_flops(cfg, 262, 1), speed.prefill_flops(cfg, 262, 8)

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from paligemma_cli.core.caption_metrics import cider_d, corpus_bleu, tokenize_caption
+from paligemma_cli.evaluation.captions import cider_d, corpus_bleu, tokenize_caption
 
 # Image 1: hypothesis of 6 words against references of 7 and 5 words.
 HYP_1 = "a man is riding a horse"

@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 
 from paligemma_cli.cli import friendly_errors
 from paligemma_cli.commands.chat import chat
-from paligemma_cli.core.chat_session import ChatSession
-from paligemma_cli.core.generate import SamplingOptions
-from paligemma_cli.core.pipeline import Pipeline
+from paligemma_cli.inference.chat_session import ChatSession
+from paligemma_cli.inference.generate import SamplingOptions
+from paligemma_cli.inference.pipeline import Pipeline
 from tests.cli_fixtures import make_tiny_checkpoint, write_images
 
 # Until pyproject.toml registers `chat`, mount it on an app of its own, as cli.register_plugins would.

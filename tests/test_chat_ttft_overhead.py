@@ -10,13 +10,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from paligemma_cli.core.chat_session import ChatSession
-from paligemma_cli.core.config import PaliGemmaConfig
-from paligemma_cli.core.gemma import RopeTable, rope_cos_sin
-from paligemma_cli.core.generate import SamplingOptions
-from paligemma_cli.core.kv_cache import KVCache
-from paligemma_cli.core.paligemma import PaliGemma
-from paligemma_cli.core.pipeline import Pipeline
+from paligemma_cli.inference.chat_session import ChatSession
+from paligemma_cli.model.config import PaliGemmaConfig
+from paligemma_cli.model.gemma import RopeTable, rope_cos_sin
+from paligemma_cli.inference.generate import SamplingOptions
+from paligemma_cli.model.kv_cache import KVCache
+from paligemma_cli.model.paligemma import PaliGemma
+from paligemma_cli.inference.pipeline import Pipeline
 from tests.cli_fixtures import make_tiny_checkpoint, write_images
 
 QUESTION = "answer en what color is the square?"

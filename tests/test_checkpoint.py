@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from paligemma_cli.core import PaliGemma, PaliGemmaConfig
-from paligemma_cli.core.checkpoint import canonical_key, hub_key
-from paligemma_cli.core.config import PRESETS
-from paligemma_cli.core.errors import PaliGemmaError
+from paligemma_cli.checkpoints.hf import canonical_key, hub_key
+from paligemma_cli.model.config import PRESETS
+from paligemma_cli.errors import PaliGemmaError
 from tests.hf_reference import make_inputs
 
 

@@ -13,17 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from paligemma_cli.core.config import PaliGemmaConfig, TextConfig, VisionConfig
-from paligemma_cli.core.paligemma import PaliGemma
+from paligemma_cli.model.config import PaliGemmaConfig, TextConfig, VisionConfig
+from paligemma_cli.model.paligemma import PaliGemma
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 
 MB = 1 << 20
 SCRIPT = r"""
 import json, sys, torch
-import paligemma_cli.core.checkpoint as checkpoint, paligemma_cli.core.quantize as quantize
-from paligemma_cli.core.config import PaliGemmaConfig
-from paligemma_cli.core.paligemma import PaliGemma
+import paligemma_cli.checkpoints.hf as checkpoint, paligemma_cli.speed.quantize as quantize
+from paligemma_cli.model.config import PaliGemmaConfig
+from paligemma_cli.model.paligemma import PaliGemma
 checkpoint.READ_CHUNK_ELEMENTS = quantize.CHUNK_ELEMENTS = 1 << 16
 with torch.device("meta"):  # the first model built pulls in ~70 MB of torch's Python meta kernels: not ours
     quantize.quantize_model(PaliGemma(PaliGemmaConfig.from_name("tiny-32")))

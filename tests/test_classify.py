@@ -20,10 +20,10 @@ from typer.testing import CliRunner
 
 from paligemma_cli.cli import friendly_errors
 from paligemma_cli.commands.classify import classify
-from paligemma_cli.core.contrastive_training import SIGLIP_PRESETS  # noqa: F401 - registers siglip-tiny-32
-from paligemma_cli.core.image import load_image, preprocess
-from paligemma_cli.core.siglip_dual_encoder import DualEncoder, SiglipConfig
-from paligemma_cli.core.siglip_tokenizer import SiglipTokenizer, train_siglip_tokenizer
+from paligemma_cli.training.contrastive import SIGLIP_PRESETS  # noqa: F401 - registers siglip-tiny-32
+from paligemma_cli.processing.image import load_image, preprocess
+from paligemma_cli.model.dual_encoder_tmp import DualEncoder, SiglipConfig
+from paligemma_cli.processing.siglip_tokenizer import SiglipTokenizer, train_siglip_tokenizer
 from tests.cli_fixtures import make_tiny_checkpoint
 
 app = typer.Typer()

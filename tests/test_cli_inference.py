@@ -13,8 +13,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from paligemma_cli.cli import app
-from paligemma_cli.core.generate import SamplingOptions
-from paligemma_cli.core.pipeline import Pipeline
+from paligemma_cli.inference.generate import SamplingOptions
+from paligemma_cli.inference.pipeline import Pipeline
 from tests.cli_fixtures import make_tiny_checkpoint, write_images
 
 runner = CliRunner()

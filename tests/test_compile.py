@@ -14,9 +14,9 @@ import torch._dynamo
 from typer.testing import CliRunner
 
 from paligemma_cli.cli import app
-from paligemma_cli.core.config import PaliGemmaConfig, TextConfig, VisionConfig
-from paligemma_cli.core.packed_linear import can_pack
-from paligemma_cli.core.paligemma import COMPILED_CACHE_STEP, PaliGemma
+from paligemma_cli.model.config import PaliGemmaConfig, TextConfig, VisionConfig
+from paligemma_cli.speed.packed_linear import can_pack
+from paligemma_cli.model.paligemma import COMPILED_CACHE_STEP, PaliGemma
 
 IMAGE_TOKEN = 250
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from paligemma_cli.core.contrastive_loss import (
+from paligemma_cli.training.contrastive_loss import (
     CLIP_INIT_LOGIT_SCALE,
     SIGLIP_INIT_LOGIT_BIAS,
     SIGLIP_INIT_LOGIT_SCALE,

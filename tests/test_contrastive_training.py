@@ -13,16 +13,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from paligemma_cli.core.checkpoint import load_vision_tower_state
-from paligemma_cli.core.config import PaliGemmaConfig
-from paligemma_cli.core.contrastive_training import (ContrastiveTrainConfig, ContrastiveTrainer, contrastive_loss,
+from paligemma_cli.checkpoints.hf import load_vision_tower_state
+from paligemma_cli.model.config import PaliGemmaConfig
+from paligemma_cli.training.contrastive import (ContrastiveTrainConfig, ContrastiveTrainer, contrastive_loss,
                                                      run_contrastive_training)
-from paligemma_cli.core.errors import PaliGemmaError
-from paligemma_cli.core.paligemma import PaliGemma
-from paligemma_cli.core.retrieval import run_retrieval_eval
-from paligemma_cli.core.shapes import write_dataset
-from paligemma_cli.core.siglip_dual_encoder import DualEncoder
-from paligemma_cli.core.siglip_tokenizer import SiglipTokenizer
+from paligemma_cli.errors import PaliGemmaError
+from paligemma_cli.model.paligemma import PaliGemma
+from paligemma_cli.evaluation.retrieval import run_retrieval_eval
+from paligemma_cli.data.shapes import write_dataset
+from paligemma_cli.model.dual_encoder_tmp import DualEncoder
+from paligemma_cli.processing.siglip_tokenizer import SiglipTokenizer
 
 
 class Crash(Exception):

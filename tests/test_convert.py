@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 from paligemma_cli.cli import friendly_errors
 from paligemma_cli.commands.convert import convert
 from paligemma_cli.core import PaliGemma, PaliGemmaConfig
-from paligemma_cli.core.lora import apply_lora, lora_state_dict
-from paligemma_cli.core.npz_convert import infer_config, state_dict_to_npz
+from paligemma_cli.training.lora import apply_lora, lora_state_dict
+from paligemma_cli.checkpoints.big_vision import infer_config, state_dict_to_npz
 from tests.hf_reference import IMAGE_TOKEN, hf_position_ids, make_inputs, randomize_, tiny_hf_config
 
 GEMMA2_FLAGS = ["--attn-logit-softcap", "1.5", "--final-logit-softcap", "2.5", "--query-pre-attn-scalar", "20",
@@ -103,7 +103,7 @@ def test_converted_folder_matches_transformers(variant, batch, tmp_path):
 
 def test_published_shapes_give_the_published_config():
     # The real 3B npz: 257152 embedding rows; <image> is the next id and the table pads to 257216.
-    from paligemma_cli.core.npz_convert import expected_npz_shapes
+    from paligemma_cli.checkpoints.big_vision import expected_npz_shapes
 
     for name in ("paligemma-3b-448", "paligemma2-3b-224", "paligemma2-28b-896"):
         published = PaliGemmaConfig.from_name(name)
@@ -178,7 +178,7 @@ def test_existing_output_needs_force(tmp_path, batch):
 
 
 def test_disk_full_leaves_no_folder(tmp_path, monkeypatch):
-    from paligemma_cli.core import checkpoint
+    from paligemma_cli.checkpoints import hf as checkpoint
 
     npz = write_npz(make_model("gemma"), tmp_path / "pt.npz")
     before = set(tmp_path.iterdir())

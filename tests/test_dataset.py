@@ -8,9 +8,9 @@ from typer.testing import CliRunner
 
 from paligemma_cli.cli import friendly_errors
 from paligemma_cli.commands.demo_data import demo_data
-from paligemma_cli.core.dataset import Example, read_jsonl
-from paligemma_cli.core.errors import PaliGemmaError
-from paligemma_cli.core.shapes import write_dataset
+from paligemma_cli.data.jsonl import Example, read_jsonl
+from paligemma_cli.errors import PaliGemmaError
+from paligemma_cli.data.shapes import write_dataset
 
 
 def test_reads_what_write_dataset_wrote(tmp_path):
@@ -114,7 +114,7 @@ def test_command_refuses_a_non_empty_folder_without_force(invoke, tmp_path):
 def test_command_task_keeps_only_those_tasks(invoke, tmp_path):
     """`--task caption` writes the caption lines of scenes 0..n-1 (the pairs contrastive training uses);
     two tasks keep their 20 % : 10 % proportion from the full mix."""
-    from paligemma_cli.core.shapes import caption, make_scene
+    from paligemma_cli.data.shapes import caption, make_scene
 
     result = invoke(tmp_path / "caps", "--n", 12, "--seed", 3, "--task", "caption")
     assert result.exit_code == 0, result.output

@@ -5,14 +5,14 @@ import random
 import pytest
 from PIL import Image
 
-from paligemma_cli.core.detection import (
+from paligemma_cli.processing.locations import (
     Box,
     box_iou,
     draw_boxes,
     format_detections,
     parse_detections,
 )
-from paligemma_cli.core.detection_metrics import detection_scores, match_boxes
+from paligemma_cli.evaluation.boxes import detection_scores, match_boxes
 
 
 def test_parse_decodes_bins_against_1023():

@@ -30,9 +30,9 @@ from typer.testing import CliRunner
 
 from paligemma_cli.cli import friendly_errors
 from paligemma_cli.commands.download import download
-from paligemma_cli.core import model_source
-from paligemma_cli.core.errors import PaliGemmaError
-from paligemma_cli.core.model_source import default_model_source, resolve_model
+from paligemma_cli import settings as model_source
+from paligemma_cli.errors import PaliGemmaError
+from paligemma_cli.settings import default_model_source, resolve_model
 
 TOKEN = "hf_good_token"
 

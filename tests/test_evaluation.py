@@ -8,11 +8,11 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from paligemma_cli.core.caption_metrics import cider_d, corpus_bleu
-from paligemma_cli.core.dataset import Example
-from paligemma_cli.core.evaluation import score, score_example, select_examples, task_kind, task_name
-from paligemma_cli.core.errors import PaliGemmaError
-from paligemma_cli.core.pipeline import Pipeline
+from paligemma_cli.evaluation.captions import cider_d, corpus_bleu
+from paligemma_cli.data.jsonl import Example
+from paligemma_cli.evaluation.evaluate import score, score_example, select_examples, task_kind, task_name
+from paligemma_cli.errors import PaliGemmaError
+from paligemma_cli.inference.pipeline import Pipeline
 from tests.cli_fixtures import make_tiny_checkpoint
 
 runner = CliRunner()

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from paligemma_cli.core.errors import PaliGemmaError
-from paligemma_cli.core.image import load_image, preprocess
+from paligemma_cli.errors import PaliGemmaError
+from paligemma_cli.processing.image import load_image, preprocess
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **kw) -> bytes:

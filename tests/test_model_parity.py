@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from paligemma_cli.core import PaliGemma
-from paligemma_cli.core.generate import SamplingOptions, generate
+from paligemma_cli.inference.generate import SamplingOptions, generate
 from tests.hf_reference import hf_position_ids, make_inputs
 
 TOL = 1e-4

@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from paligemma_cli.core.empty_init import empty_skeleton
-from paligemma_cli.core.errors import PaliGemmaError
-from paligemma_cli.core.model_source import DEMO_MODEL
-from paligemma_cli.core.packed_linear import PackedLinear, can_pack, is_packed
-from paligemma_cli.core.paligemma import PaliGemma
-from paligemma_cli.core.pipeline import Pipeline
+from paligemma_cli.model.skeleton import empty_skeleton
+from paligemma_cli.errors import PaliGemmaError
+from paligemma_cli.settings import DEMO_MODEL
+from paligemma_cli.speed.packed_linear import PackedLinear, can_pack, is_packed
+from paligemma_cli.model.paligemma import PaliGemma
+from paligemma_cli.inference.pipeline import Pipeline
 from tests.test_compile import IMAGE_TOKEN, tiny
 
 needs_onednn_bf16 = pytest.mark.skipif(not can_pack(torch.zeros(1, dtype=torch.bfloat16)),
@@ -59,7 +59,7 @@ def test_fast_layout_packs_every_bf16_linear_and_keeps_the_logits():
 
 @needs_onednn_bf16
 def test_projections_larger_than_the_bound_stay_separate(monkeypatch):
-    import paligemma_cli.core.paligemma as paligemma
+    import paligemma_cli.model.paligemma as paligemma
 
     model = tiny("gemma").to(torch.bfloat16)
     attn = model.language_model.layers[0].self_attn
@@ -123,7 +123,7 @@ def test_released_pages_of_a_mapped_weight_read_back_the_same_and_other_memory_i
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from paligemma_cli.core.mapped_pages import release_mapped_pages, safetensors_mappings
+    from paligemma_cli.speed.mapped_pages import release_mapped_pages, safetensors_mappings
 
     weights = {"a": torch.randn(512, 1024), "b": torch.randn(300, 7)}
     save_file(weights, str(tmp_path / "w.safetensors"))

@@ -4,9 +4,9 @@ import pytest
 import torch
 from PIL import Image
 
-from paligemma_cli.core.errors import PaliGemmaError
-from paligemma_cli.core.processor import IGNORE_INDEX, PaliGemmaProcessor
-from paligemma_cli.core.tokenizer import PaliGemmaTokenizer
+from paligemma_cli.errors import PaliGemmaError
+from paligemma_cli.processing.processor import IGNORE_INDEX, PaliGemmaProcessor
+from paligemma_cli.processing.tokenizer import PaliGemmaTokenizer
 from tests.test_image import random_image
 from tests.tokenizer_fixture import make_tiny_tokenizer
 

@@ -10,11 +10,11 @@ from torch import nn
 from typer.testing import CliRunner
 
 from paligemma_cli.cli import app
-from paligemma_cli.core.checkpoint import load_model, weight_files
-from paligemma_cli.core.errors import PaliGemmaError
-from paligemma_cli.core.generate import SamplingOptions
-from paligemma_cli.core.pipeline import Pipeline
-from paligemma_cli.core.quantize import (INT8_DEQUANTIZE_FROM_ROWS, QuantizedEmbedding, QuantizedLinear, int8_linear,
+from paligemma_cli.checkpoints.hf import load_model, weight_files
+from paligemma_cli.errors import PaliGemmaError
+from paligemma_cli.inference.generate import SamplingOptions
+from paligemma_cli.inference.pipeline import Pipeline
+from paligemma_cli.speed.quantize import (INT8_DEQUANTIZE_FROM_ROWS, QuantizedEmbedding, QuantizedLinear, int8_linear,
                                          is_quantized, quantize_model, quantize_per_channel)
 from tests.cli_fixtures import make_tiny_checkpoint, write_images
 
@@ -211,9 +211,9 @@ def test_greedy_generation_mostly_agrees_with_the_float_model(tmp_path, dtype):
     the top token agrees at 91% of positions, so whole 8-token answers agree on only ~40% of prompts,
     about as often as bf16 agrees with fp32 there.
     """
-    from paligemma_cli.core.dataset import read_jsonl
-    from paligemma_cli.core.model_source import resolve_model
-    from paligemma_cli.core.shapes import write_dataset
+    from paligemma_cli.data.jsonl import read_jsonl
+    from paligemma_cli.settings import resolve_model
+    from paligemma_cli.data.shapes import write_dataset
 
     examples = read_jsonl(write_dataset(tmp_path, n=10, seed=2024))
     pictures, prompts = [Image.open(e.image) for e in examples], [e.prefix for e in examples]
@@ -227,7 +227,7 @@ def test_greedy_generation_mostly_agrees_with_the_float_model(tmp_path, dtype):
 
 
 def test_bad_quantize_values():
-    from paligemma_cli.core.quantize import parse_quantize
+    from paligemma_cli.speed.quantize import parse_quantize
 
     assert parse_quantize("INT8") == "int8" and parse_quantize("none") is None and parse_quantize(None) is None
     with pytest.raises(PaliGemmaError, match="use none or int8"):

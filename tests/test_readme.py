@@ -81,9 +81,9 @@ def serve_fake_hub(repo_id: str, monkeypatch):
 
 
 def write_npz(path: Path) -> None:
-    from paligemma_cli.core.config import PaliGemmaConfig
-    from paligemma_cli.core.npz_convert import state_dict_to_npz
-    from paligemma_cli.core.paligemma import PaliGemma
+    from paligemma_cli.model.config import PaliGemmaConfig
+    from paligemma_cli.checkpoints.big_vision import state_dict_to_npz
+    from paligemma_cli.model.paligemma import PaliGemma
     from tests.hf_reference import tiny_hf_config
 
     model = PaliGemma(PaliGemmaConfig.from_dict(tiny_hf_config("gemma").to_dict()))

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from paligemma_cli.core.dataset import Example
-from paligemma_cli.core.retrieval import (caption_examples, evaluate_retrieval, format_retrieval, match_matrix,
+from paligemma_cli.data.jsonl import Example
+from paligemma_cli.evaluation.retrieval import (caption_examples, evaluate_retrieval, format_retrieval, match_matrix,
                                           recall_at_k, retrieval_recall)
 
 

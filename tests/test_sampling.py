@@ -2,7 +2,7 @@
 
 import torch
 
-from paligemma_cli.core.generate import SamplingOptions, filter_logits, sample
+from paligemma_cli.inference.generate import SamplingOptions, filter_logits, sample
 
 
 def test_top_k_keeps_exactly_the_k_largest():

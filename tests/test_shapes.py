@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from paligemma_cli.core import shapes
-from paligemma_cli.core.shapes import (
+from paligemma_cli.data import shapes
+from paligemma_cli.data.shapes import (
     BACKGROUND,
     COLORS,
     SHAPES,
@@ -223,7 +223,7 @@ def test_example_image_regenerates_identically():
 
 def test_detect_answers_agree_with_the_detection_module():
     # Two encoders of the same format must not drift apart: the model is scored with detection.py.
-    detection = pytest.importorskip("paligemma_cli.core.detection")
+    detection = pytest.importorskip("paligemma_cli.processing.locations")
     for index in range(50):
         scene = make_scene(seed=6, index=index)
         for ex in scene_examples(scene):

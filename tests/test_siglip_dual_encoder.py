@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from paligemma_cli.core.errors import PaliGemmaError
-from paligemma_cli.core.siglip import SiglipVisionTower
-from paligemma_cli.core.siglip_dual_encoder import DualEncoder, SiglipConfig
+from paligemma_cli.errors import PaliGemmaError
+from paligemma_cli.model.siglip import SiglipVisionTower
+from paligemma_cli.model.dual_encoder_tmp import DualEncoder, SiglipConfig
 from tests.hf_reference import randomize_
 
 VOCAB, MAX_LEN, PAD, EOS = 50, 13, 1, 1
@@ -184,7 +184,7 @@ def test_text_longer_than_positions_is_an_error(hf_siglip):
 
 
 def test_fresh_model_init_and_one_training_step():
-    from paligemma_cli.core.contrastive_loss import siglip_loss_chunked
+    from paligemma_cli.training.contrastive_loss import siglip_loss_chunked
 
     cfg = SiglipConfig.from_name(
         "siglip-base-patch16-224", vision__hidden_size=20, vision__intermediate_size=36, vision__num_hidden_layers=1,

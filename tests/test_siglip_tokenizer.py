@@ -2,8 +2,8 @@
 
 import sentencepiece as spm
 
-from paligemma_cli.core.shapes import caption, make_scene
-from paligemma_cli.core.siglip_tokenizer import canonicalize, train_siglip_tokenizer
+from paligemma_cli.data.shapes import caption, make_scene
+from paligemma_cli.processing.siglip_tokenizer import canonicalize, train_siglip_tokenizer
 
 
 def test_shapes_captions_tokenize_into_whole_words(tmp_path):

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from paligemma_cli.core.errors import PaliGemmaError
-from paligemma_cli.core.tokenizer import PaliGemmaTokenizer
-from paligemma_cli.core.tokenizer_training import train_tokenizer
+from paligemma_cli.errors import PaliGemmaError
+from paligemma_cli.processing.tokenizer import PaliGemmaTokenizer
+from paligemma_cli.training.tokenizer_training import train_tokenizer
 from tests.tokenizer_fixture import CORPUS, make_tiny_tokenizer
 
 TEXTS = [
@@ -155,7 +155,7 @@ def test_missing_and_corrupt_files(tmp_path):
 def test_appended_pieces_parse_as_protobuf_writes_them():
     """The hand-written protobuf entries equal what the protobuf package itself would add."""
     pb = pytest.importorskip("sentencepiece.sentencepiece_model_pb2")
-    from paligemma_cli.core.tokenizer_training import _append_user_defined
+    from paligemma_cli.training.tokenizer_training import _append_user_defined
 
     base = pb.ModelProto()
     base.pieces.add(piece="<pad>", score=0.0, type=pb.ModelProto.SentencePiece.CONTROL)
@@ -179,7 +179,7 @@ def test_training_on_detection_answers(tmp_path):
 
 def shapes_texts(n: int = 400) -> list[str]:
     """Every prefix and suffix of n shapes-world scenes: the text a demo-model tokenizer is trained on."""
-    from paligemma_cli.core.shapes import make_scene, scene_examples
+    from paligemma_cli.data.shapes import make_scene, scene_examples
 
     return [f"{e['prefix']}\n{e['suffix']}" for i in range(n) for e in scene_examples(make_scene(0, i))]
 

@@ -20,10 +20,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from paligemma_cli.cli import app
-from paligemma_cli.core.checkpoint import load_model
-from paligemma_cli.core.errors import PaliGemmaError
-from paligemma_cli.core.shapes import write_dataset
-from paligemma_cli.core.training import TrainConfig, Trainer, lr_at, suffix_loss
+from paligemma_cli.checkpoints.hf import load_model
+from paligemma_cli.errors import PaliGemmaError
+from paligemma_cli.data.shapes import write_dataset
+from paligemma_cli.training.paligemma import TrainConfig, Trainer, lr_at, suffix_loss
 from tests.tokenizer_fixture import make_tiny_tokenizer
 
 runner = CliRunner()
@@ -334,8 +334,8 @@ def test_a_tokenizer_from_another_vocabulary_is_refused_before_training(data, ba
 def test_slow_from_scratch_run_learns_colors(tmp_path):
     """SLOW (~1 min): tiny-32 on 2000 colour questions halves its loss and answers held-out scenes
     far above chance (1/6). Measured 0.515 (1 thread) and 0.58 (2 threads) on 200 held-out questions, torch 2.13 CPU."""
-    from paligemma_cli.core.generate import SamplingOptions
-    from paligemma_cli.core.pipeline import Pipeline
+    from paligemma_cli.inference.generate import SamplingOptions
+    from paligemma_cli.inference.pipeline import Pipeline
 
     def colour_questions(folder, n, seed):
         lines = write_dataset(folder, n, seed=seed, image_size=32).read_text().splitlines()
@@ -377,7 +377,7 @@ def test_sigterm_saves_like_ctrl_c(tmp_path):
     import sys
     import time
 
-    from paligemma_cli.core.shapes import write_dataset
+    from paligemma_cli.data.shapes import write_dataset
 
     data = write_dataset(tmp_path / "data", n=40, seed=0, image_size=32)
     out = tmp_path / "run"

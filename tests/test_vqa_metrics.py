@@ -2,7 +2,7 @@
 
 import pytest
 
-from paligemma_cli.core.vqa_metrics import exact_match, normalize_vqa_answer, vqa_accuracy
+from paligemma_cli.evaluation.vqa import exact_match, normalize_vqa_answer, vqa_accuracy
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from paligemma_cli.core.tokenizer_training import train_tokenizer
+from paligemma_cli.training.tokenizer_training import train_tokenizer
 
 TINY_VOCAB = 400  # learned pieces incl. specials and 256 bytes; <loc>/<seg> come on top
 

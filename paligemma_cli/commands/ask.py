@@ -40,9 +40,9 @@ def ask(
 
       paligemma ask photo.jpg "what is this?" --quantize int8
     """
-    from paligemma_cli.core.errors import PaliGemmaError
-    from paligemma_cli.core.image import load_image
-    from paligemma_cli.runtime import load_pipeline, sampling_options, stderr_console, write_stdout
+    from paligemma_cli.errors import PaliGemmaError
+    from paligemma_cli.processing.image import load_image
+    from paligemma_cli.commands.common import load_pipeline, sampling_options, stderr_console, write_stdout
 
     if prompt is None:
         if not question:

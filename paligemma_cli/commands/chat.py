@@ -68,10 +68,10 @@ def chat(
 
       paligemma chat examples/shapes.png < questions.txt > answers.txt
     """
-    from paligemma_cli.core.chat_session import ChatSession
-    from paligemma_cli.core.errors import PaliGemmaError
-    from paligemma_cli.core.image import load_image
-    from paligemma_cli.runtime import load_pipeline, sampling_options, stderr_console
+    from paligemma_cli.inference.chat_session import ChatSession
+    from paligemma_cli.errors import PaliGemmaError
+    from paligemma_cli.processing.image import load_image
+    from paligemma_cli.commands.common import load_pipeline, sampling_options, stderr_console
 
     if image == "-":
         raise PaliGemmaError("chat reads questions from stdin, so the image must be a file, not -")
@@ -152,7 +152,7 @@ class Repl:
         if command is None:
             self.error(f"unknown command /{name}; /help lists the commands")
             return True
-        from paligemma_cli.core.errors import PaliGemmaError
+        from paligemma_cli.errors import PaliGemmaError
 
         try:
             return command(arg.strip()) is not False
@@ -162,8 +162,8 @@ class Repl:
 
     def answer(self, prompt: str) -> None:
         """Stream one answer as exactly one stdout line (an empty one if it failed, to keep lines paired)."""
-        from paligemma_cli.core.errors import PaliGemmaError
-        from paligemma_cli.runtime import write_stdout
+        from paligemma_cli.errors import PaliGemmaError
+        from paligemma_cli.commands.common import write_stdout
 
         try:
             for piece in self.session.ask(prompt):
@@ -181,7 +181,7 @@ class Repl:
     # --- slash commands -----------------------------------------------------------------------
 
     def cmd_image(self, arg: str) -> None:
-        from paligemma_cli.core.errors import PaliGemmaError
+        from paligemma_cli.errors import PaliGemmaError
 
         path = arg.strip("'\"")
         if not path:
@@ -190,14 +190,14 @@ class Repl:
         self.info(f"image: {self.session.image_name}")
 
     def cmd_prompt(self, arg: str) -> None:
-        from paligemma_cli.core.errors import PaliGemmaError
+        from paligemma_cli.errors import PaliGemmaError
 
         if not arg:
             raise PaliGemmaError("usage: /prompt RAW, e.g. /prompt caption en")
         self.answer(arg)
 
     def cmd_set(self, arg: str) -> None:
-        from paligemma_cli.core.errors import PaliGemmaError
+        from paligemma_cli.errors import PaliGemmaError
 
         opts = self.session.opts
         if not arg:
@@ -229,7 +229,7 @@ class Repl:
         self.info(f"{name} = {parsed}")
 
     def cmd_save(self, arg: str) -> None:
-        from paligemma_cli.core.errors import PaliGemmaError
+        from paligemma_cli.errors import PaliGemmaError
 
         if not arg:
             raise PaliGemmaError("usage: /save FILE (FILE.jsonl for JSON lines, anything else for text)")

@@ -39,10 +39,10 @@ def classify(
 
       cat scene.png | paligemma classify - "a red circle,a blue circle" -m runs/siglip
     """
-    from paligemma_cli.core.errors import PaliGemmaError
-    from paligemma_cli.core.image import load_image, preprocess
-    from paligemma_cli.core.retrieval import label_probabilities, load_dual_encoder
-    from paligemma_cli.runtime import stderr_console
+    from paligemma_cli.errors import PaliGemmaError
+    from paligemma_cli.processing.image import load_image, preprocess
+    from paligemma_cli.evaluation.retrieval import label_probabilities, load_dual_encoder
+    from paligemma_cli.commands.common import stderr_console
 
     names = [label.strip() for label in labels.split(",")]
     if not any(names):

@@ -1,6 +1,6 @@
 """`paligemma convert`: big_vision .npz -> folder, folder -> another dtype or int8, LoRA adapter -> merged folder.
 
-Thin on purpose: the work and every error message live in `paligemma_cli.core.convert`, imported only
+Thin on purpose: the work and every error message live in `paligemma_cli.checkpoints.convert`, imported only
 when the command runs so that `paligemma --help` never loads torch.
 """
 
@@ -69,7 +69,7 @@ def convert(
 
         paligemma convert runs/mine ./mine-merged --merge-lora
     """
-    from paligemma_cli.core.convert import convert as run_conversion
+    from paligemma_cli.checkpoints.convert import convert as run_conversion
 
     folder = run_conversion(
         src, dst, dtype=dtype, merge_lora=merge_lora, base=base, tokenizer=tokenizer,

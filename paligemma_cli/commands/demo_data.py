@@ -37,13 +37,13 @@ def demo_data(
 
         paligemma demo-data data/shapes-captions --n 60000 --seed 0 --task caption
     """
-    from paligemma_cli.core.errors import PaliGemmaError
+    from paligemma_cli.errors import PaliGemmaError
 
     if n < 1:
         raise PaliGemmaError(f"--n must be at least 1, got {n}")
     if not 32 <= image_size <= 1024:
         raise PaliGemmaError(f"--image-size must be between 32 and 1024 pixels, got {image_size}")
-    from paligemma_cli.core.shapes import task_cycle
+    from paligemma_cli.data.shapes import task_cycle
 
     try:
         task_cycle(task)
@@ -57,7 +57,7 @@ def demo_data(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from paligemma_cli.core.shapes import write_dataset
+    from paligemma_cli.data.shapes import write_dataset
 
     progress = Progress(
         TextColumn("writing examples"),

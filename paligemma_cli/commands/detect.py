@@ -31,10 +31,10 @@ def detect(
 
       paligemma detect street.jpg "car ; person" --out boxes.png --json
     """
-    from paligemma_cli.core.detection import draw_boxes, parse_detections
-    from paligemma_cli.core.errors import PaliGemmaError
-    from paligemma_cli.core.image import load_image
-    from paligemma_cli.runtime import load_pipeline, sampling_options, stderr_console
+    from paligemma_cli.processing.locations import draw_boxes, parse_detections
+    from paligemma_cli.errors import PaliGemmaError
+    from paligemma_cli.processing.image import load_image
+    from paligemma_cli.commands.common import load_pipeline, sampling_options, stderr_console
 
     labels = [o.strip() for o in objects.split(";") if o.strip()]
     if not labels:

@@ -1,6 +1,6 @@
 """`paligemma download`: fetch a checkpoint from the Hugging Face Hub.
 
-Thin on purpose: the work and every error message live in `paligemma_cli.core.hub_download`, which is
+Thin on purpose: the work and every error message live in `paligemma_cli.checkpoints.hub`, which is
 imported only when the command runs so `paligemma --help` never loads huggingface_hub.
 """
 
@@ -49,7 +49,7 @@ def download(
 
         paligemma download google/paligemma-3b-mix-224 --local-dir ./pg
     """
-    from paligemma_cli.core.hub_download import download as download_checkpoint
+    from paligemma_cli.checkpoints.hub import download as download_checkpoint
 
     typer.echo(f"downloading {repo_id}{f'@{revision}' if revision else ''} ...", err=True)
     folder = download_checkpoint(repo_id, revision=revision, token=token, local_dir=local_dir)

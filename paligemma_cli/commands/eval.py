@@ -46,10 +46,10 @@ def eval_command(
 
       paligemma eval data/shapes-test/data.jsonl --task retrieval --model runs/siglip
     """
-    from paligemma_cli.core.dataset import read_jsonl
-    from paligemma_cli.core.errors import PaliGemmaError
-    from paligemma_cli.core.evaluation import evaluate, select_examples
-    from paligemma_cli.runtime import FAST_LAYOUT_MIN_JOBS, load_pipeline, sampling_options, stderr_console
+    from paligemma_cli.data.jsonl import read_jsonl
+    from paligemma_cli.errors import PaliGemmaError
+    from paligemma_cli.evaluation.evaluate import evaluate, select_examples
+    from paligemma_cli.commands.common import FAST_LAYOUT_MIN_JOBS, load_pipeline, sampling_options, stderr_console
 
     console = stderr_console()
     if tasks and "retrieval" in tasks:
@@ -58,7 +58,7 @@ def eval_command(
         if quantize.lower() != "none" or compile:
             raise PaliGemmaError("--quantize and --compile apply to PaliGemma models; --task retrieval scores a "
                                  "SigLIP dual encoder")
-        from paligemma_cli.core.retrieval import format_retrieval, run_retrieval_eval
+        from paligemma_cli.evaluation.retrieval import format_retrieval, run_retrieval_eval
 
         result = run_retrieval_eval(data, model, batch_size, limit, device, dtype)
         console.print(f"evaluated {result['n']} image-caption pair(s) in {result['seconds']:.1f}s", markup=False)
@@ -122,7 +122,7 @@ def print_table(report) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from paligemma_cli.core.evaluation import METRICS
+    from paligemma_cli.evaluation.evaluate import METRICS
 
     columns = [m for m in METRICS if any(m in t.metrics for t in report.tasks.values())]
     table = Table(show_edge=False)

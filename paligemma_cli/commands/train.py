@@ -62,9 +62,9 @@ def train(
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from paligemma_cli.core.device import pick_device
-    from paligemma_cli.core.errors import PaliGemmaError
-    from paligemma_cli.core.training import TrainConfig, Trainer
+    from paligemma_cli.device import pick_device
+    from paligemma_cli.errors import PaliGemmaError
+    from paligemma_cli.training.paligemma import TrainConfig, Trainer
 
     contrastive = ("siglip", "clip")
 
@@ -97,7 +97,7 @@ def train(
     saved_objective = settings.pop("objective", None)  # from --config, or the run being resumed
     objective = objective or saved_objective or "captioning"
     if objective in contrastive:
-        from paligemma_cli.core.contrastive_training import ContrastiveTrainConfig, ContrastiveTrainer
+        from paligemma_cli.training.contrastive import ContrastiveTrainConfig, ContrastiveTrainer
 
         cfg = ContrastiveTrainConfig.from_dict({**settings, "objective": objective})
         trainer = ContrastiveTrainer(cfg, device=pick_device(device), resume=resume)
@@ -148,7 +148,7 @@ def train(
 def _read_yaml(path: Path) -> dict:
     import yaml
 
-    from paligemma_cli.core.errors import PaliGemmaError
+    from paligemma_cli.errors import PaliGemmaError
 
     try:
         settings = yaml.safe_load(path.read_text()) or {}

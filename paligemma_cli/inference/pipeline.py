@@ -1,0 +1,135 @@
+"""Model + tokenizer + processor, loaded together, and the generation calls every command uses.
+
+`Pipeline.stream` yields text pieces as tokens are generated (the CLI prints them as they come);
+`Pipeline.generate` answers a batch at once. Both record timings in `Pipeline.last`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from paligemma_cli.errors import PaliGemmaError
+from paligemma_cli.inference.generate import SamplingOptions, generate_tokens
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    ttft_s: float = 0.0  # vision + prefill + first sample
+    total_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        decode = self.total_s - self.ttft_s
+        return (self.new_tokens - 1) / decode if self.new_tokens > 1 and decode > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
+                "ttft_s": round(self.ttft_s, 4), "total_s": round(self.total_s, 4),
+                "tokens_per_s": round(self.tokens_per_s, 2)}
+
+
+@dataclass
+class Pipeline:
+    model: "object"
+    tokenizer: "object"
+    processor: "object"
+    folder: Path
+    load_s: float = 0.0
+    last: GenerationStats = field(default_factory=GenerationStats)
+
+    @classmethod
+    def load(cls, folder: str | Path, device: str = "auto", dtype: str = "auto",
+             quantize: str | None = "none", fast_layout: bool = False) -> "Pipeline":
+        """Model, tokenizer and processor of a checkpoint folder. `quantize="int8"`: int8 decoder weights
+        (see `core.quantize`), made while loading; a folder saved quantized is int8 either way.
+
+        `fast_layout`: give the weights the CPU's fastest layout (`PaliGemma.use_fast_cpu_layout`; in
+        bf16 decoding ~1.4-1.7x faster on PaliGemma 3B) at a one-time cost (3-5 s for 3B), worth it for
+        sessions that decode many tokens (chat, captioning a folder, eval), not for one short answer,
+        which is better served by the memory-mapped weights as they are (loaded in ~0.1 s).
+        """
+        from paligemma_cli.checkpoints.hf import load_model
+        from paligemma_cli.device import pick_device, pick_dtype
+        from paligemma_cli.processing.processor import PaliGemmaProcessor
+        from paligemma_cli.speed.quantize import parse_quantize
+        from paligemma_cli.processing.tokenizer import PaliGemmaTokenizer
+
+        t0 = time.perf_counter()
+        folder = Path(folder)
+        quantize = parse_quantize(quantize)
+        dev = pick_device(device)
+        model = load_model(folder, dtype=pick_dtype(dtype, dev), device=dev, quantize=quantize)
+        if fast_layout:
+            model.use_fast_cpu_layout()
+        tokenizer = PaliGemmaTokenizer.from_folder(folder)
+        if tokenizer.image_token_id != model.config.image_token_id:
+            raise PaliGemmaError(
+                f"'{folder}': the tokenizer's <image> id ({tokenizer.image_token_id}) is not the model's "
+                f"({model.config.image_token_id}); the tokenizer.model does not belong to these weights"
+            )
+        processor = PaliGemmaProcessor(tokenizer, model.config.image_size, model.config.num_image_tokens)
+        return cls(model, tokenizer, processor, folder, load_s=time.perf_counter() - t0)
+
+    def max_prompt_tokens(self, max_new_tokens: int) -> int:
+        return self.model.config.text.max_position_embeddings - max_new_tokens
+
+    def prepare(self, images: Sequence, prompts: Sequence[str], max_new_tokens: int) -> dict:
+        """A left-padded batch on the model's device; images are PIL images, paths or bytes."""
+        batch = self.processor(list(prompts), images=list(images), padding_side="left",
+                               max_length=self.max_prompt_tokens(max_new_tokens))
+        return {k: v.to(self.model.device) for k, v in batch.items()}
+
+    def stream(self, image, prompt: str, opts: SamplingOptions) -> Iterator[str]:
+        """Yield the answer's text piece by piece as it is generated (one image, one prompt)."""
+        t0 = time.perf_counter()
+        batch = self.prepare([image], [prompt], opts.max_new_tokens)
+        stats = GenerationStats(prompt_tokens=int(batch["input_ids"].shape[1]))
+        yield from self.stream_batch(batch, opts, stats, t0)
+        self.last = stats
+
+    def stream_batch(self, batch: dict, opts: SamplingOptions, stats: GenerationStats, t0: float,
+                     cache=None) -> Iterator[str]:
+        """Text pieces of a one-row batch's answer, filling `stats` (timings from `t0`) as it goes."""
+        decoder = self.tokenizer.stream()
+        eos = self.tokenizer.eos_id
+        for step, token in enumerate(generate_tokens(self.model, batch, opts, eos, self.tokenizer.pad_id, cache)):
+            tid = int(token[0])  # the one sync per token that streaming needs
+            if step == 0:
+                stats.ttft_s = time.perf_counter() - t0
+            if tid == eos:
+                break
+            stats.new_tokens += 1
+            piece = decoder.push(tid)
+            if piece:
+                yield piece
+        tail = decoder.flush()
+        if tail:
+            yield tail
+        stats.total_s = time.perf_counter() - t0
+
+    def generate(self, images: Sequence, prompts: Sequence[str], opts: SamplingOptions) -> list[str]:
+        """Answer a batch of (image, prompt) pairs; returns one string per pair."""
+        t0 = time.perf_counter()
+        batch = self.prepare(images, prompts, opts.max_new_tokens)
+        steps = []
+        eos = self.tokenizer.eos_id
+        for step, token in enumerate(generate_tokens(self.model, batch, opts, eos, self.tokenizer.pad_id)):
+            if step == 0:
+                ttft = time.perf_counter() - t0
+            steps.append(token)
+        ids = torch.stack(steps, 1).tolist()
+        texts = []
+        for row in ids:
+            if eos in row:
+                row = row[: row.index(eos)]
+            texts.append(self.tokenizer.decode(row))
+        self.last = GenerationStats(prompt_tokens=int(batch["input_ids"].shape[1]),
+                                    new_tokens=len(steps), ttft_s=ttft, total_s=time.perf_counter() - t0)
+        return texts

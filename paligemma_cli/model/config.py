@@ -1,0 +1,302 @@
+"""Model configuration: dataclasses read from a checkpoint's `config.json`, and named presets.
+
+The on-disk format is Hugging Face's `PaliGemmaConfig` (a `vision_config` and a `text_config` inside one
+JSON object). Keys a checkpoint leaves out take the defaults `transformers` would use for its
+`model_type`, so a hub `config.json` and a `save_pretrained` one read the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from paligemma_cli.errors import PaliGemmaError
+
+GEMMA_VOCAB = 257216  # 256000 pieces + 1024 <loc> + 128 <seg> + <image>, padded to a multiple of 64
+IMAGE_TOKEN_ID = 257152
+
+
+@dataclass
+class VisionConfig:
+    """SigLIP vision tower (no pooling head)."""
+
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_hidden_layers: int = 27
+    num_attention_heads: int = 16
+    image_size: int = 224
+    patch_size: int = 14
+    layer_norm_eps: float = 1e-6
+    num_channels: int = 3
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class TextConfig:
+    """Gemma 1 (`model_type` "gemma") or Gemma 2 ("gemma2") decoder."""
+
+    model_type: str = "gemma"
+    vocab_size: int = GEMMA_VOCAB
+    hidden_size: int = 2048
+    intermediate_size: int = 16384
+    num_hidden_layers: int = 18
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 1
+    head_dim: int = 256
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 8192
+    # Gemma 2 only; None disables each.
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None  # "sliding_attention" | "full_attention" per layer
+
+    @property
+    def is_gemma2(self) -> bool:
+        return self.model_type == "gemma2"
+
+    @property
+    def attn_scale(self) -> float:
+        if self.query_pre_attn_scalar:
+            return float(self.query_pre_attn_scalar) ** -0.5
+        return self.head_dim**-0.5
+
+    def layer_window(self, i: int) -> int | None:
+        """The sliding window of layer i, or None for full attention."""
+        if not self.sliding_window or self.layer_types is None:
+            return None
+        return self.sliding_window if self.layer_types[i] == "sliding_attention" else None
+
+
+@dataclass
+class PaliGemmaConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    image_token_id: int = IMAGE_TOKEN_ID
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.vision.num_patches
+
+    @property
+    def image_size(self) -> int:
+        return self.vision.image_size
+
+    # --- reading and writing config.json -------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PaliGemmaConfig":
+        v = dict(d.get("vision_config") or {})
+        t = dict(d.get("text_config") or {})
+        patch = v.get("patch_size", 14)
+        image_size = v.get("image_size")
+        if image_size is None:
+            # Hub 224 configs omit image_size; num_image_tokens still tells the resolution.
+            n = v.get("num_image_tokens") or t.get("num_image_tokens")
+            image_size = int(math.isqrt(n)) * patch if n else 224
+        vision = VisionConfig(
+            hidden_size=v.get("hidden_size", 1152),
+            intermediate_size=v.get("intermediate_size", 4304),
+            num_hidden_layers=v.get("num_hidden_layers", 27),
+            num_attention_heads=v.get("num_attention_heads", 16),
+            image_size=int(image_size),
+            patch_size=patch,
+            layer_norm_eps=v.get("layer_norm_eps", 1e-6),
+            num_channels=v.get("num_channels", 3),
+        )
+        text = _text_config_from_dict(t)
+        image_token_id = d.get("image_token_index", d.get("image_token_id", IMAGE_TOKEN_ID))
+        return cls(vision=vision, text=text, image_token_id=image_token_id)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "PaliGemmaConfig":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise PaliGemmaError(f"'{path.parent}' is not a checkpoint folder: it has no config.json") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PaliGemmaError(f"'{path}' is not valid JSON ({e})") from None
+        if d.get("model_type") not in (None, "paligemma"):
+            raise PaliGemmaError(f"'{path}' describes a {d.get('model_type')!r} model, not a PaliGemma one")
+        if "text_config" not in d:
+            raise PaliGemmaError(f"'{path}' has no text_config: it is not a PaliGemma config")
+        return cls.from_dict(d)
+
+    def to_dict(self) -> dict:
+        """The Hugging Face layout, loadable by `transformers.PaliGemmaConfig` too."""
+        v, t = self.vision, self.text
+        text = {
+            "model_type": t.model_type,
+            "vocab_size": t.vocab_size,
+            "hidden_size": t.hidden_size,
+            "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_hidden_layers,
+            "num_attention_heads": t.num_attention_heads,
+            "num_key_value_heads": t.num_key_value_heads,
+            "head_dim": t.head_dim,
+            "rms_norm_eps": t.rms_norm_eps,
+            "rope_theta": t.rope_theta,
+            "max_position_embeddings": t.max_position_embeddings,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "num_image_tokens": self.num_image_tokens,
+        }
+        if t.is_gemma2:
+            text.update(
+                query_pre_attn_scalar=t.query_pre_attn_scalar,
+                attn_logit_softcapping=t.attn_logit_softcapping,
+                final_logit_softcapping=t.final_logit_softcapping,
+                sliding_window=t.sliding_window,
+                layer_types=t.layer_types,
+            )
+        return {
+            "architectures": ["PaliGemmaForConditionalGeneration"],
+            "model_type": "paligemma",
+            "image_token_index": self.image_token_id,
+            "vocab_size": t.vocab_size,
+            "hidden_size": t.hidden_size,
+            "projection_dim": t.hidden_size,
+            "text_config": text,
+            "vision_config": {
+                "model_type": "siglip_vision_model",
+                "hidden_size": v.hidden_size,
+                "intermediate_size": v.intermediate_size,
+                "num_hidden_layers": v.num_hidden_layers,
+                "num_attention_heads": v.num_attention_heads,
+                "image_size": v.image_size,
+                "patch_size": v.patch_size,
+                "layer_norm_eps": v.layer_norm_eps,
+                "num_channels": v.num_channels,
+                "num_image_tokens": self.num_image_tokens,
+                "projection_dim": t.hidden_size,
+                "vision_use_head": False,
+            },
+        }
+
+    def save(self, folder: str | Path) -> None:
+        Path(folder, "config.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    # --- presets -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "PaliGemmaConfig":
+        """A published size by name, e.g. `paligemma2-3b-448`; overrides as `text__hidden_size=64`."""
+        if name not in PRESETS:
+            raise PaliGemmaError(f"unknown model config {name!r}; known: {', '.join(sorted(PRESETS))}")
+        cfg = PRESETS[name]()
+        for key, value in overrides.items():
+            part, _, attr = key.partition("__")
+            target = getattr(cfg, part) if attr else cfg
+            setattr(target, attr or part, value)
+        return cfg
+
+
+_GEMMA2_LAYERS = lambda n: ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]  # noqa: E731
+
+
+def _text_config_from_dict(t: dict) -> TextConfig:
+    model_type = t.get("model_type", "gemma")
+    if model_type not in ("gemma", "gemma2"):
+        raise PaliGemmaError(f"unsupported text model {model_type!r}: expected gemma or gemma2")
+    rope = t.get("rope_parameters") or {}
+    common = dict(
+        model_type=model_type,
+        vocab_size=t.get("vocab_size", GEMMA_VOCAB),
+        head_dim=t.get("head_dim", 256),
+        rms_norm_eps=t.get("rms_norm_eps", 1e-6),
+        rope_theta=rope.get("rope_theta", t.get("rope_theta", 10000.0)),
+        max_position_embeddings=t.get("max_position_embeddings", 8192),
+    )
+    if model_type == "gemma":
+        # transformers' GemmaConfig defaults (the 7B shape) for anything the file leaves out.
+        return TextConfig(
+            hidden_size=t.get("hidden_size", 3072),
+            intermediate_size=t.get("intermediate_size", 24576),
+            num_hidden_layers=t.get("num_hidden_layers", 28),
+            num_attention_heads=t.get("num_attention_heads", 16),
+            num_key_value_heads=t.get("num_key_value_heads", 16),
+            **common,
+        )
+    layers = t.get("num_hidden_layers", 26)
+    return TextConfig(
+        hidden_size=t.get("hidden_size", 2304),
+        intermediate_size=t.get("intermediate_size", 9216),
+        num_hidden_layers=layers,
+        num_attention_heads=t.get("num_attention_heads", 8),
+        num_key_value_heads=t.get("num_key_value_heads", 4),
+        query_pre_attn_scalar=t.get("query_pre_attn_scalar", 256),
+        attn_logit_softcapping=t.get("attn_logit_softcapping", 50.0) or None,
+        final_logit_softcapping=t.get("final_logit_softcapping", 30.0) or None,
+        sliding_window=t.get("sliding_window", 4096),
+        layer_types=t.get("layer_types") or _GEMMA2_LAYERS(layers),
+        **common,
+    )
+
+
+def _paligemma1(image_size: int) -> PaliGemmaConfig:
+    return PaliGemmaConfig(vision=VisionConfig(image_size=image_size), text=TextConfig())
+
+
+def _paligemma2(image_size: int, hidden: int, layers: int, heads: int, kv: int, head_dim: int, mlp: int,
+                scalar: int) -> PaliGemmaConfig:
+    text = TextConfig(
+        model_type="gemma2", hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim, query_pre_attn_scalar=scalar,
+        attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096,
+        layer_types=_GEMMA2_LAYERS(layers),
+    )
+    return PaliGemmaConfig(vision=VisionConfig(image_size=image_size), text=text)
+
+
+PRESETS = {}
+for _size in (224, 448, 896):
+    PRESETS[f"paligemma-3b-{_size}"] = lambda s=_size: _paligemma1(s)
+    PRESETS[f"paligemma2-3b-{_size}"] = lambda s=_size: _paligemma2(s, 2304, 26, 8, 4, 256, 9216, 256)
+    PRESETS[f"paligemma2-10b-{_size}"] = lambda s=_size: _paligemma2(s, 3584, 42, 16, 8, 256, 14336, 256)
+    PRESETS[f"paligemma2-28b-{_size}"] = lambda s=_size: _paligemma2(s, 4608, 46, 32, 16, 128, 36864, 144)
+
+
+def replace(cfg: PaliGemmaConfig, **changes) -> PaliGemmaConfig:
+    return dataclasses.replace(cfg, **changes)
+
+
+def _demo_64() -> PaliGemmaConfig:
+    """The built-in demo model's shape: ~5M parameters, 64 px images in 8 px patches (64 image tokens).
+
+    The vocabulary is set from the tokenizer trained for it (`text__vocab_size`, `image_token_id`).
+    """
+    vision = VisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                          image_size=64, patch_size=8)
+    text = TextConfig(model_type="gemma", vocab_size=2048, hidden_size=256, intermediate_size=1024,
+                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1, head_dim=64)
+    return PaliGemmaConfig(vision=vision, text=text, image_token_id=2047)
+
+
+PRESETS["demo-64"] = _demo_64
+
+
+def _tiny_32() -> PaliGemmaConfig:
+    """A ~0.1M-parameter PaliGemma for training tests: 32 px images in 8 px patches (16 image tokens).
+
+    Like demo-64, the vocabulary is set from the tokenizer trained for it.
+    """
+    vision = VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                          image_size=32, patch_size=8)
+    text = TextConfig(model_type="gemma", vocab_size=2048, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    return PaliGemmaConfig(vision=vision, text=text, image_token_id=2047)
+
+
+PRESETS["tiny-32"] = _tiny_32
