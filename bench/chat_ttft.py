@@ -176,7 +176,7 @@ def main() -> None:
     print("command:", shlex.join([Path(sys.executable).name, *sys.argv]))
     pipe, name = load(args.model, args.device, args.dtype, args.image_size)
     if args.compile:
-        pipe.model.compile_decode()
+        pipe.compile()
         name += ", --compile"
     print(f"model: {name} on {pipe.model.device}, {pipe.model.dtype}, {torch.get_num_threads()} thread(s), "
           f"{pipe.model.config.num_image_tokens} image tokens")

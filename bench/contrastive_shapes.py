@@ -31,7 +31,7 @@ from paligemma_cli.training.contrastive import run_contrastive_training  # noqa:
 from paligemma_cli.data.jsonl import read_jsonl  # noqa: E402
 from paligemma_cli.evaluation.retrieval import evaluate_retrieval, match_matrix  # noqa: E402
 from paligemma_cli.data.shapes import write_dataset  # noqa: E402
-from paligemma_cli.model.dual_encoder_tmp import DualEncoder  # noqa: E402
+from paligemma_cli.checkpoints.hf import load_dual_encoder  # noqa: E402
 from paligemma_cli.processing.siglip_tokenizer import SiglipTokenizer  # noqa: E402
 
 
@@ -72,7 +72,7 @@ def main() -> None:
     )
     train_s = time.perf_counter() - t0
 
-    model = DualEncoder.from_pretrained(out, dtype=torch.float32, device=args.device)
+    model = load_dual_encoder(out, dtype=torch.float32, device=args.device)
     tokenizer = SiglipTokenizer.from_folder(out, model.config.text)
     examples = read_jsonl(test)
     report = evaluate_retrieval(model, tokenizer, examples, batch_size=128)

@@ -1,41 +1,25 @@
-"""Which checkpoint folder a command should load.
+"""The user's settings: which model a command loads when none is named.
 
-A model is named by a local folder holding `config.json`, or by a Hub id such as
-`google/paligemma2-3b-mix-224` that `paligemma download` has already put in the Hugging Face cache.
-Nothing here touches the network: running a model never downloads one behind the user's back.
-
-When no model is named, the choice falls back, in order, to the `PALIGEMMA_MODEL` environment
+When no `--model` is given, the choice falls back, in order, to the `PALIGEMMA_MODEL` environment
 variable, to `model = "..."` in the config file (`$PALIGEMMA_CONFIG`, else
-`~/.config/paligemma/config.toml`), and to the tiny demo model shipped inside the package.
+`~/.config/paligemma/config.toml`), and to the tiny demo model shipped inside the package. A named
+model is a checkpoint folder or a Hub id already downloaded (`checkpoints.locate.find_checkpoint`).
 
-Only the standard library is imported at module level so `paligemma --help` stays instant.
+Only the standard library is imported here, so `paligemma --help` stays instant.
 """
 
 from __future__ import annotations
 
 import os
+import tomllib
 from pathlib import Path
 
+from paligemma_cli.checkpoints.locate import EXAMPLE_REPO, find_checkpoint
 from paligemma_cli.errors import PaliGemmaError
-
-# The files the tool reads from a checkpoint; `paligemma download` fetches exactly these.
-CHECKPOINT_PATTERNS = [
-    "config.json",
-    "*.safetensors",
-    "model.safetensors.index.json",
-    "tokenizer.model",
-    "spiece.model",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "preprocessor_config.json",
-    "generation_config.json",
-]
 
 ENV_MODEL = "PALIGEMMA_MODEL"
 ENV_CONFIG = "PALIGEMMA_CONFIG"
 DEMO_MODEL = Path(__file__).resolve().parent / "demo" / "model"
-EXAMPLE_REPO = "google/paligemma2-3b-mix-224"
 
 
 def config_path() -> Path:
@@ -54,10 +38,6 @@ def _model_from_config() -> tuple[str, Path] | None:
             # The user pointed at this file on purpose; silently ignoring it would hide a typo.
             raise PaliGemmaError(f"{ENV_CONFIG} points to {path}, which does not exist")
         return None
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
@@ -115,39 +95,4 @@ def resolve_model(spec: str | None) -> Path:
                 f"(then run `paligemma download {EXAMPLE_REPO}`)"
             )
 
-    folder = Path(spec).expanduser()
-    # A folder wins over a Hub id of the same spelling: `google/x` may well be a local copy.
-    if folder.is_dir():
-        if not (folder / "config.json").is_file():
-            raise PaliGemmaError(f"'{spec}' is not a PaliGemma checkpoint folder (no config.json)")
-        return folder.resolve()
-    if _looks_like_path(spec):
-        raise PaliGemmaError(f"no such checkpoint folder '{spec}'")
-    return _cached_snapshot(spec)
-
-
-def _looks_like_path(spec: str) -> bool:
-    """A spec that cannot be a Hub id (`owner/name`), so a missing folder is the real problem."""
-    return spec.startswith((".", "/", "~")) or "\\" in spec or spec.count("/") != 1
-
-
-def _cached_snapshot(repo_id: str) -> Path:
-    """The cached snapshot of `repo_id`, looked up with the network switched off."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, IncompleteSnapshotError, LocalEntryNotFoundError
-
-    try:
-        folder = Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=CHECKPOINT_PATTERNS))
-    except IncompleteSnapshotError:
-        raise PaliGemmaError(
-            f"model '{repo_id}' is only partly downloaded; run `paligemma download {repo_id}` again to finish"
-        ) from None
-    except LocalEntryNotFoundError:
-        raise PaliGemmaError(f"model '{repo_id}' is not downloaded; run `paligemma download {repo_id}` first") from None
-    except HFValidationError:
-        raise PaliGemmaError(
-            f"'{repo_id}' is neither a checkpoint folder nor a Hub model id like {EXAMPLE_REPO}"
-        ) from None
-    if not (folder / "config.json").is_file():
-        raise PaliGemmaError(f"model '{repo_id}' is not downloaded; run `paligemma download {repo_id}` first")
-    return folder
+    return find_checkpoint(spec)

@@ -1,6 +1,6 @@
 import pytest
 
-from tests.hf_reference import make_hf_model
+from tests.fixtures.hf_reference import make_hf_model
 
 
 @pytest.fixture(scope="session", params=["gemma", "gemma2"])

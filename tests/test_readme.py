@@ -71,7 +71,7 @@ def scratch(tmp_path, monkeypatch):
 
 
 def serve_fake_hub(repo_id: str, monkeypatch):
-    from tests.test_download import FILES, FakeHub, Repo
+    from tests.checkpoints.test_hub import FILES, FakeHub, Repo
 
     server = FakeHub()
     server.repos[repo_id] = Repo(dict(FILES))
@@ -84,7 +84,7 @@ def write_npz(path: Path) -> None:
     from paligemma_cli.model.config import PaliGemmaConfig
     from paligemma_cli.checkpoints.big_vision import state_dict_to_npz
     from paligemma_cli.model.paligemma import PaliGemma
-    from tests.hf_reference import tiny_hf_config
+    from tests.fixtures.hf_reference import tiny_hf_config
 
     model = PaliGemma(PaliGemmaConfig.from_dict(tiny_hf_config("gemma").to_dict()))
     with np.errstate(all="ignore"):
@@ -92,7 +92,7 @@ def write_npz(path: Path) -> None:
 
 
 def test_readme_commands_run(scratch, monkeypatch):
-    from tests.tokenizer_fixture import make_tiny_tokenizer
+    from tests.fixtures.tokenizer import make_tiny_tokenizer
 
     commands = readme_commands()
     assert len(commands) >= 10 and commands[0].startswith("paligemma ask examples/shapes.png")

@@ -1,7 +1,6 @@
 """big_vision `.npz` PaliGemma checkpoints: read them into this project's model, and write them back.
 
-References: /work/shared/spec/architecture.md ("big_vision .npz checkpoints" holds the key table);
-big_vision's `models/proj/paligemma/paligemma.py`, `models/vit.py` and `models/ppp/gemma.py` (the
+References: big_vision's `models/proj/paligemma/paligemma.py`, `models/vit.py` and `models/ppp/gemma.py` (the
 layout); transformers' `convert_paligemma_weights_to_hf.py` and `convert_paligemma2_weights_to_hf.py`
 (the same mapping, one layer at a time).
 
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from paligemma_cli.model.config import PaliGemmaConfig, TextConfig, VisionConfig
+from paligemma_cli.model.paligemma import PaliGemma
 from paligemma_cli.model.skeleton import empty_skeleton
 from paligemma_cli.errors import PaliGemmaError
 
@@ -36,7 +36,7 @@ ENC = "img/Transformer/encoderblock/"
 MHA = ENC + "MultiHeadDotProductAttention_0/"
 LLM = "llm/layers/"
 
-# What a published Gemma 2 decoder uses where the shapes say nothing (spec: "Gemma 2 defaults").
+# What a published Gemma 2 decoder uses where the shapes say nothing (transformers' Gemma2Config defaults).
 GEMMA2_DEFAULTS = dict(attn_logit_softcap=50.0, final_logit_softcap=30.0, sliding_window=4096)
 # Gemma 2 scales queries by head_dim**-0.5, except the 27B decoder (PaliGemma 2 28B, hidden 4608),
 # which was trained with (hidden / heads)**-0.5 = 144**-0.5.
@@ -298,8 +298,6 @@ def _from_big_vision(get: Callable[[str], torch.Tensor], cfg: PaliGemmaConfig) -
 
 
 def expected_npz_shapes(cfg: PaliGemmaConfig) -> dict[str, tuple[int, ...]]:
-    from paligemma_cli.model.paligemma import PaliGemma
-
     with empty_skeleton():
         model = PaliGemma(cfg)
     return {k: tuple(a.shape) for k, a in _to_big_vision(model.state_dict(), cfg).items()}
@@ -323,8 +321,6 @@ def load_npz(path: str | Path, dtype: torch.dtype | None = None, progress: Calla
 
     `overrides`: final_logit_softcap, attn_logit_softcap, query_pre_attn_scalar, sliding_window (Gemma 2).
     """
-    from paligemma_cli.model.paligemma import PaliGemma
-
     npz = NpzCheckpoint(path)
     try:
         cfg = infer_config(npz.shapes, **overrides)

@@ -1,14 +1,14 @@
 """`paligemma convert`: turn one checkpoint into another checkpoint folder.
 
-Three conversions, each ending in the Hugging Face folder layout (spec: "Checkpoint files"):
+Three conversions, each ending in the Hugging Face folder layout:
 - a big_vision `.npz` (the original JAX release) -> folder (`npz_convert` does the mapping);
 - a folder -> the same weights in another dtype and/or sharded;
 - a training run saved with `--lora-save adapter` -> its base model with the adapter folded in.
-Each can also store the decoder in int8 (`quantize="int8"`, see `core.quantize`): int8 weights and their
+Each can also store the decoder in int8 (`quantize="int8"`, see `speed/quantize.py`): int8 weights and their
 scales in the safetensors, and a "quantization" entry in `config.json` that `load_model` reads. Such a
 folder loads only in this tool (transformers does not know the format).
 
-Every result goes through `checkpoint.save_model`, which writes a temporary sibling folder and renames
+Every result goes through `hf.save_model`, which writes a temporary sibling folder and renames
 it: a conversion that fails half-way (disk full, Ctrl-C) never leaves a folder that looks complete.
 """
 
@@ -23,13 +23,18 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
+from paligemma_cli.checkpoints.big_vision import load_npz
+from paligemma_cli.checkpoints.hf import check_folder, load_model, save_model
+from paligemma_cli.device import DTYPES
 from paligemma_cli.errors import PaliGemmaError
+from paligemma_cli.model.lora import apply_lora, lora_state_dict, merge_lora
+from paligemma_cli.speed.quantize import is_quantized, parse_quantize, quantize_model
 
 Progress = Callable[[str], None] | None
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
           "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
@@ -65,8 +70,6 @@ def convert_npz(src: str | Path, dst: str | Path, dtype: torch.dtype | None = No
                 progress: Progress = None, quantize: str | None = None, **overrides) -> Path:
     """big_vision `.npz` -> checkpoint folder. `tokenizer`: a SentencePiece file, or a folder holding
     `tokenizer.model`; the npz carries none. `overrides`: see `npz_convert.infer_config`."""
-    from paligemma_cli.checkpoints.big_vision import load_npz
-
     dst = _check_dst(dst, force)
     tokenizer_file = _tokenizer_file(tokenizer)
     _say(progress, f"reading {src}")
@@ -91,8 +94,6 @@ def recast_folder(src: str | Path, dst: str | Path, dtype: torch.dtype | None, m
 
     Quantizing happens while the weights are read, tensor by tensor from the memory-mapped file: the
     float model is never held whole (see `load_model`)."""
-    from paligemma_cli.checkpoints.hf import check_folder, load_model
-
     src = check_folder(src)
     dst = _check_dst(dst, force)
     _say(progress, f"reading {src}" + (" and quantizing its decoder to int8" if quantize else ""))
@@ -108,13 +109,6 @@ def merge_lora_folder(adapter_folder: str | Path, dst: str | Path, base: str | P
     The base is the folder named in `adapter_config.json` unless `base` is given. The result keeps the
     base's dtype unless `dtype` is given.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from paligemma_cli.checkpoints.hf import check_folder, load_model
-    from paligemma_cli.training.lora import apply_lora, lora_state_dict, merge_lora
-    from paligemma_cli.speed.quantize import is_quantized
-
     adapter_folder = Path(adapter_folder).expanduser()
     config_file, weights_file = adapter_folder / "adapter_config.json", adapter_folder / "adapter_model.safetensors"
     if not config_file.exists() or not weights_file.exists():
@@ -161,8 +155,6 @@ def convert(src: str | Path, dst: str | Path, dtype: str | None = None, merge_lo
             base: str | Path | None = None, tokenizer: str | Path | None = None, max_shard_size: str | None = None,
             force: bool = False, progress: Progress = None, quantize: str | None = None, **overrides) -> Path:
     """Pick the conversion from what SRC is; what the `convert` command calls."""
-    from paligemma_cli.speed.quantize import parse_quantize
-
     src = Path(src).expanduser()
     torch_dtype, shard, quantize = parse_dtype(dtype), parse_size(max_shard_size), parse_quantize(quantize)
     gemma2_options = {k: v for k, v in overrides.items() if v is not None}
@@ -200,8 +192,6 @@ def _maybe_quantize(model, quantize: str | None, progress: Progress):
     """For the conversions that hold a float model anyway (.npz, merged LoRA): quantize it module by module."""
     if not quantize:
         return model
-    from paligemma_cli.speed.quantize import quantize_model
-
     _say(progress, "quantizing the decoder to int8")
     return quantize_model(model)
 
@@ -227,9 +217,6 @@ def _tokenizer_file(tokenizer: str | Path | None) -> Path | None:
 
 
 def _save(model, dst: Path, progress: Progress, **kwargs) -> Path:
-    from paligemma_cli.checkpoints.hf import save_model
-    from paligemma_cli.speed.quantize import is_quantized
-
     # The state dict, not parameters(): an int8 model keeps its weights and scales as buffers.
     state = model.state_dict()
     n = sum(t.numel() for k, t in state.items() if not k.endswith(".scales"))

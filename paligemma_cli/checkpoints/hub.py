@@ -2,7 +2,7 @@
 
 Only the files the tool reads are fetched (see `CHECKPOINT_PATTERNS`): a repository may also hold
 Flax, JAX or GGUF copies many gigabytes in size. Files land in the ordinary Hugging Face cache
-(`$HF_HOME/hub`), so `transformers` and `hf` share them, and `resolve_model` finds them offline.
+(`$HF_HOME/hub`), so `transformers` and `hf` share them, and `find_checkpoint` finds them offline.
 
 Resuming: `huggingface_hub` retries a file that breaks off mid-transfer with an HTTP Range request for
 the missing bytes. Since huggingface_hub 1.x a partial file is not kept once the process ends, but every
@@ -29,8 +29,9 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import tqdm as hf_tqdm
 
+from paligemma_cli.checkpoints.locate import CHECKPOINT_PATTERNS, EXAMPLE_REPO
 from paligemma_cli.errors import PaliGemmaError
-from paligemma_cli.settings import CHECKPOINT_PATTERNS, EXAMPLE_REPO
+
 
 
 class _NoProgress(hf_tqdm):

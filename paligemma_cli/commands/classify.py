@@ -39,10 +39,10 @@ def classify(
 
       cat scene.png | paligemma classify - "a red circle,a blue circle" -m runs/siglip
     """
+    from paligemma_cli.commands.common import load_dual_encoder
     from paligemma_cli.errors import PaliGemmaError
+    from paligemma_cli.inference.embeddings import label_probabilities
     from paligemma_cli.processing.image import load_image, preprocess
-    from paligemma_cli.evaluation.retrieval import label_probabilities, load_dual_encoder
-    from paligemma_cli.commands.common import stderr_console
 
     names = [label.strip() for label in labels.split(",")]
     if not any(names):
@@ -52,12 +52,7 @@ def classify(
     if len(set(names)) != len(names):
         raise PaliGemmaError(f"a label appears twice in {labels!r}")
     picture = load_image(image)  # before the model: a typo in the path should not wait for loading
-    console = stderr_console()
-    if console.is_terminal:
-        with console.status(f"loading {model}"):
-            encoder, tokenizer, folder = load_dual_encoder(model, device, dtype)
-    else:
-        encoder, tokenizer, folder = load_dual_encoder(model, device, dtype)
+    encoder, tokenizer, folder = load_dual_encoder(model, device, dtype)
     probs = label_probabilities(encoder, tokenizer, preprocess([picture], encoder.config.vision.image_size), names)[0]
     ranked = sorted(zip(names, probs.tolist()), key=lambda pair: -pair[1])  # stable: equal scores keep label order
 

@@ -1,13 +1,18 @@
-"""What the inference commands share: loading the pipeline with feedback on stderr, and stderr output.
+"""What the commands share: loading a model with feedback on stderr, sampling options, stdout output.
 
 Model text goes to stdout, everything else to stderr (as `llm` does), so `paligemma ask … > out.txt`
-captures only the answer.
+captures only the answer. torch and the model code are imported inside the functions, so that a
+command's module (and `paligemma --help`) loads without them.
 """
 
 from __future__ import annotations
 
 import sys
 from contextlib import nullcontext
+
+# Jobs of at least this many answers get the fast weight layout: it costs seconds once and pays back
+# after a few dozen tokens (docs/speed.md).
+FAST_LAYOUT_MIN_JOBS = 4
 
 
 def stderr_console():
@@ -16,36 +21,50 @@ def stderr_console():
     return Console(stderr=True, highlight=False)
 
 
-# Re-laying the weights out (`Pipeline.load(fast_layout=True)`) costs 3-5 s on PaliGemma 3B and saves
-# ~0.14 s per decoded token in bf16: it pays back after 25-40 tokens, i.e. a few captions or answers.
-FAST_LAYOUT_MIN_JOBS = 4
+def loading(console, what):
+    """A spinner on stderr while `what` loads, where stderr is a terminal."""
+    return console.status(f"loading {what}") if console.is_terminal else nullcontext()
 
 
 def load_pipeline(model: str | None, device: str, dtype: str, console=None, quantize: str = "none",
                   compile: bool = False, fast_layout: bool = False):
     """The pipeline of `model` (a folder, a hub id already downloaded, or the demo model). `fast_layout`
     for jobs that decode a lot (see `Pipeline.load`); `--compile` implies it."""
-    from paligemma_cli.settings import resolve_model
+    import torch
+
     from paligemma_cli.inference.pipeline import Pipeline
+    from paligemma_cli.settings import resolve_model
+    from paligemma_cli.speed.quantize import is_quantized
 
     folder = resolve_model(model)
     console = console or stderr_console()
-    with console.status(f"loading {folder}") if console.is_terminal else nullcontext():
+    with loading(console, folder):
         pipe = Pipeline.load(folder, device, dtype, quantize, fast_layout or compile)
-    if _int8_in_float32_on_cpu(pipe.model):
+    if is_quantized(pipe.model) and pipe.model.device.type == "cpu" and pipe.model.dtype == torch.float32:
         console.print("note: int8 weights with float32 activations save memory but decode slower than float32 "
                       "on a CPU; the fast int8 kernel is bf16's (--dtype bf16)", markup=False)
     if compile:
-        pipe.model.compile_decode()
+        pipe.compile()
     return pipe
 
 
-def _int8_in_float32_on_cpu(model) -> bool:
-    import torch
+def load_dual_encoder(spec: str | None, device: str = "auto", dtype: str = "auto", console=None):
+    """(model, tokenizer, folder) for a SigLIP dual encoder named like any `--model` (folder or cached Hub id)."""
+    from paligemma_cli.checkpoints import hf
+    from paligemma_cli.device import pick_device, pick_dtype
+    from paligemma_cli.errors import PaliGemmaError
+    from paligemma_cli.processing.siglip_tokenizer import SiglipTokenizer
+    from paligemma_cli.settings import resolve_model
 
-    from paligemma_cli.speed.quantize import is_quantized
-
-    return is_quantized(model) and model.device.type == "cpu" and model.dtype == torch.float32
+    if not spec:
+        # The default model is a PaliGemma, which has no text tower to compare against.
+        raise PaliGemmaError("this needs a SigLIP dual encoder: pass --model, e.g. a run folder of "
+                             "`paligemma train --objective siglip`")
+    folder = resolve_model(spec)
+    dev = pick_device(device)
+    with loading(console or stderr_console(), spec):
+        model = hf.load_dual_encoder(folder, dtype=pick_dtype(dtype, dev), device=dev)
+    return model, SiglipTokenizer.from_folder(folder, model.config.text), folder
 
 
 def sampling_options(max_tokens: int, temperature: float = 0.0, top_k=None, top_p=None, seed=None):

@@ -14,7 +14,7 @@ import typer
 
 from paligemma_cli.options import CompileOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxTokensOpt, ModelOpt, QuantizeOpt
 
-# Column headings for the metric keys of core.evaluation.METRICS.
+# Column headings for the metric keys of evaluation.evaluate.METRICS.
 _HEADINGS = {"exact_match": "exact", "vqa_accuracy": "VQA acc", "bleu4": "BLEU-4", "cider": "CIDEr",
              "accuracy": "det acc", "precision": "P@.5", "recall": "R@.5", "mean_iou": "mIoU"}
 
@@ -46,10 +46,10 @@ def eval_command(
 
       paligemma eval data/shapes-test/data.jsonl --task retrieval --model runs/siglip
     """
+    from paligemma_cli.commands.common import FAST_LAYOUT_MIN_JOBS, load_pipeline, sampling_options, stderr_console
     from paligemma_cli.data.jsonl import read_jsonl
     from paligemma_cli.errors import PaliGemmaError
     from paligemma_cli.evaluation.evaluate import evaluate, select_examples
-    from paligemma_cli.commands.common import FAST_LAYOUT_MIN_JOBS, load_pipeline, sampling_options, stderr_console
 
     console = stderr_console()
     if tasks and "retrieval" in tasks:
@@ -58,9 +58,7 @@ def eval_command(
         if quantize.lower() != "none" or compile:
             raise PaliGemmaError("--quantize and --compile apply to PaliGemma models; --task retrieval scores a "
                                  "SigLIP dual encoder")
-        from paligemma_cli.evaluation.retrieval import format_retrieval, run_retrieval_eval
-
-        result = run_retrieval_eval(data, model, batch_size, limit, device, dtype)
+        result = retrieval_eval(data, model, batch_size, limit, device, dtype)
         console.print(f"evaluated {result['n']} image-caption pair(s) in {result['seconds']:.1f}s", markup=False)
         print(json.dumps(result) if json_out else format_retrieval(result))
         return
@@ -114,6 +112,31 @@ def eval_command(
         }))
         return
     print_table(report)
+
+
+def retrieval_eval(data: Path, model: str | None, batch_size: int, limit: int | None, device: str,
+                   dtype: str) -> dict:
+    """`--task retrieval`: recall@1/5 of a dual encoder on the caption lines, as a JSON-ready dict (model,
+    data, n, image_to_text / text_to_image {"r1", "r5"} in percent, skipped, seconds)."""
+    from paligemma_cli.commands.common import load_dual_encoder
+    from paligemma_cli.data.jsonl import caption_examples, read_jsonl
+    from paligemma_cli.errors import PaliGemmaError
+    from paligemma_cli.evaluation.retrieval import evaluate_retrieval
+
+    examples = caption_examples(read_jsonl(data))[:limit]
+    if not examples:
+        raise PaliGemmaError(f"{data}: no caption lines to evaluate (lines with task \"caption\" or no task)")
+    encoder, tokenizer, folder = load_dual_encoder(model, device, dtype)
+    report = evaluate_retrieval(encoder, tokenizer, examples, batch_size)
+    return {"model": str(folder), "data": str(data), **report.as_dict(), "seconds": round(report.seconds, 2)}
+
+
+def format_retrieval(result: dict) -> str:
+    """Two lines for a terminal: `image->text  R@1 42.00  R@5 80.00`, then text->image."""
+    lines = []
+    for name, key in (("image->text", "image_to_text"), ("text->image", "text_to_image")):
+        lines.append(f"{name}  " + "  ".join(f"R@{k[1:]} {v:.2f}" for k, v in result[key].items()))
+    return "\n".join(lines)
 
 
 def print_table(report) -> None:

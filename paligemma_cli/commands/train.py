@@ -63,18 +63,8 @@ def train(
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from paligemma_cli.device import pick_device
-    from paligemma_cli.errors import PaliGemmaError
-    from paligemma_cli.training.paligemma import TrainConfig, Trainer
+    from paligemma_cli.training.settings import make_trainer, merge_settings
 
-    contrastive = ("siglip", "clip")
-
-    settings: dict = {}
-    if config is not None:
-        settings = _read_yaml(config)
-        unknown = sorted(set(settings) - TrainConfig.field_names() - {"objective"})
-        if unknown and (objective or settings.get("objective")) not in contrastive:  # those check their own
-            raise PaliGemmaError(f"'{config}': unknown setting(s) {', '.join(unknown)}; "
-                                 f"see `paligemma train --help` for the settings")
     flags = dict(data=data, out=out, model=model, model_config=model_config, val_data=val_data, steps=steps,
                  batch_size=batch_size, grad_accum=grad_accum, lr=lr, weight_decay=weight_decay,
                  warmup_steps=warmup_steps, schedule=schedule, clip=clip, trainable=trainable, lora_r=lora_r,
@@ -82,30 +72,9 @@ def train(
                  gradient_checkpointing=gradient_checkpointing, seed=seed, eval_every=eval_every,
                  save_every=save_every, log_every=log_every, init_vision=init_vision,
                  max_length=max_length, hard_negatives=hard_negatives)
-    for key, value in flags.items():
-        if value is not None:
-            settings[key] = str(value) if isinstance(value, Path) else value
-    if resume and not settings.get("data") and settings.get("out"):
-        # `--resume` alone continues with the settings the run saved.
-        saved = Path(settings["out"], "train_config.yaml")
-        if saved.exists():
-            settings = {**_read_yaml(saved), **settings}
-    if not settings.get("data"):
-        raise PaliGemmaError("no training data: give a JSONL file (or `data:` in --config)")
-    if not settings.get("out"):
-        raise PaliGemmaError("no run folder: pass --out (or `out:` in --config)")
-    saved_objective = settings.pop("objective", None)  # from --config, or the run being resumed
-    objective = objective or saved_objective or "captioning"
-    if objective in contrastive:
-        from paligemma_cli.training.contrastive import ContrastiveTrainConfig, ContrastiveTrainer
-
-        cfg = ContrastiveTrainConfig.from_dict({**settings, "objective": objective})
-        trainer = ContrastiveTrainer(cfg, device=pick_device(device), resume=resume)
-    elif objective == "captioning":
-        cfg = TrainConfig.from_dict(settings)
-        trainer = Trainer(cfg, device=pick_device(device), resume=resume)
-    else:
-        raise PaliGemmaError(f"--objective must be captioning, siglip or clip, got {objective!r}")
+    objective, settings = merge_settings(config, flags, objective, resume)
+    trainer = make_trainer(objective, settings, pick_device(device), resume)
+    cfg = trainer.cfg
     console = Console(stderr=True)
     total = trainer.cfg.steps
     progress = Progress(
@@ -132,7 +101,7 @@ def train(
             with _sigterm_as_interrupt():
                 summary = trainer.run()
         except KeyboardInterrupt:
-            saved = getattr(trainer, "saved_step", trainer.state.step)  # the contrastive trainer saves always
+            saved = trainer.saved_step
             console.print(f"interrupted: saved step {saved} to {cfg.out}; continue with --resume" if saved
                           else "interrupted before the first checkpoint: nothing saved")
             raise typer.Exit(130)
@@ -143,22 +112,6 @@ def train(
         console.print(f"trained {summary['steps']} steps, final loss {summary.get('loss', float('nan')):.4f}"
                       + (f", {skipped} unreadable image(s) skipped" if skipped else ""))
         print(summary["out"])
-
-
-def _read_yaml(path: Path) -> dict:
-    import yaml
-
-    from paligemma_cli.errors import PaliGemmaError
-
-    try:
-        settings = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise PaliGemmaError(f"config file '{path}' does not exist") from None
-    except yaml.YAMLError as e:
-        raise PaliGemmaError(f"'{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(settings, dict):
-        raise PaliGemmaError(f"'{path}' must hold a mapping of settings")
-    return {k.replace("-", "_"): v for k, v in settings.items()}
 
 
 @contextlib.contextmanager

@@ -85,3 +85,12 @@ def read_jsonl(path: str | Path) -> list[Example]:
         except ValueError as e:
             raise PaliGemmaError(f"{path}:{number}: {e}") from None
     return examples
+
+
+def caption_examples(examples: list[Example]) -> list[Example]:
+    """The image-caption pairs of a dataset: lines whose `task` is "caption" or not given.
+
+    A mixed task file (such as `paligemma demo-data`'s) also holds answers ("red", "2") and detections,
+    which are not descriptions of the whole image.
+    """
+    return [ex for ex in examples if ex.task in (None, "caption")]

@@ -23,12 +23,13 @@ from __future__ import annotations
 import itertools
 import json
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 from PIL import Image, ImageDraw
+
+from paligemma_cli.processing.locations import Box, format_detections
 
 SHAPES = ("circle", "square", "triangle")
 
@@ -156,25 +157,7 @@ def render(scene: Scene) -> Image.Image:
 
 
 # ---------------------------------------------------------------------------------------------
-# Text: loc tokens, captions and examples
-
-
-def box_to_loc(box: tuple[int, int, int, int], size: int) -> str:
-    """`<locY0><locX0><locY1><locX1>` for a pixel box (x0, y0, x1, y1): bins round(v / size * 1023)."""
-    x0, y0, x1, y1 = box
-    return "".join(f"<loc{round(v / size * 1023):04d}>" for v in (y0, x0, y1, x1))
-
-
-_LOC = re.compile(r"<loc(\d{4})><loc(\d{4})><loc(\d{4})><loc(\d{4})>\s*([^;]*)")
-
-
-def loc_to_boxes(text: str, size: int) -> list[tuple[tuple[float, float, float, float], str]]:
-    """Parse a detect answer into [((x0, y0, x1, y1) in pixels, label)], decoding bin / 1023 * size."""
-    out = []
-    for m in _LOC.finditer(text):
-        y0, x0, y1, x1 = (int(g) / 1023 * size for g in m.groups()[:4])
-        out.append(((x0, y0, x1, y1), m.group(5).strip()))
-    return out
+# Text: captions and examples
 
 
 def _a(color: str, kind: str) -> str:
@@ -214,7 +197,8 @@ def scene_examples(scene: Scene) -> list[dict]:
                 answer = "yes" if a.center_x < b.center_x else "no"
                 ex.append({"prefix": f"answer en is the {a.kind} left of the {b.kind}?", "suffix": answer, "task": "spatial"})
     for s in scene.shapes:
-        ex.append({"prefix": f"detect {s.kind}", "suffix": f"{box_to_loc(s.box, scene.size)} {s.kind}", "task": "detect"})
+        target = format_detections([Box(s.kind, *s.box)], scene.size, scene.size)
+        ex.append({"prefix": f"detect {s.kind}", "suffix": target, "task": "detect"})
     return ex
 
 

@@ -11,7 +11,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from paligemma_cli.processing.locations import Box, box_iou
+from paligemma_cli.processing.locations import Box
+
+
+def box_iou(a: Box, b: Box) -> float:
+    """Intersection over union of two boxes (continuous pixel coordinates); 0 if both are empty."""
+    inter_w = min(a.x1, b.x1) - max(a.x0, b.x0)
+    inter_h = min(a.y1, b.y1) - max(a.y0, b.y0)
+    inter = max(0.0, inter_w) * max(0.0, inter_h)
+    union = a.area + b.area - inter
+    return inter / union if union > 0 else 0.0
 
 
 @dataclass(frozen=True)

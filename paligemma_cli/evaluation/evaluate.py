@@ -22,11 +22,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
+
 from paligemma_cli.evaluation.captions import cider_d, corpus_bleu, tokenize_caption
 from paligemma_cli.data.jsonl import Example
 from paligemma_cli.processing.locations import Box, parse_detections
 from paligemma_cli.evaluation.boxes import detection_scores, match_boxes
 from paligemma_cli.errors import PaliGemmaError
+from paligemma_cli.processing.image import load_image
 from paligemma_cli.evaluation.vqa import exact_match as vqa_exact_match
 from paligemma_cli.evaluation.vqa import vqa_accuracy
 
@@ -145,8 +148,6 @@ def _match_detections(prediction: str, references: list[str], size: tuple[int, i
 
 def _image_size(path: Path) -> tuple[int, int]:
     """(width, height) as `load_image` will see it, from the header only."""
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             width, height = im.size
@@ -279,8 +280,6 @@ def evaluate(
     An image that cannot be read is recorded with its error and left out of the scores; it does
     not stop the run.
     """
-    from paligemma_cli.processing.image import load_image
-
     t0 = time.perf_counter()
     done: list[ScoredExample] = []
     sizes: list[tuple[int, int]] = []

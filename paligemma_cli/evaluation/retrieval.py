@@ -1,8 +1,7 @@
-"""Image-text retrieval with a dual encoder: recall@k both ways, and zero-shot label probabilities.
+"""Image-text retrieval with a dual encoder: recall@k both ways.
 
 References: the retrieval protocol of CLIP and SigLIP (COCO / Flickr30k image->text and text->image
-recall@1/5/10); `transformers`' zero-shot image classification with `SiglipModel`, where each label's
-probability is `sigmoid(logits_per_image)` on its own (labels need not sum to 1).
+recall@1/5/10).
 
 What counts as a match: a caption matches an image when it is that image's caption, or the same caption
 (after SigLIP's canonicalisation) as the image's own, or the caption of another line with the same image
@@ -15,13 +14,15 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from paligemma_cli.errors import PaliGemmaError
+from paligemma_cli.inference.embeddings import embed_images, embed_texts
+from paligemma_cli.processing.image import load_image, preprocess
+from paligemma_cli.processing.siglip_tokenizer import canonicalize
 
 KS = (1, 5)
 
@@ -70,44 +71,13 @@ def retrieval_recall(img_emb: torch.Tensor, txt_emb: torch.Tensor, positives: to
     return {"image_to_text": recall_at_k(sim, positives, ks), "text_to_image": recall_at_k(sim.T, positives.T, ks)}
 
 
-def caption_examples(examples: list) -> list:
-    """The image-caption pairs of a dataset: lines whose `task` is "caption" or not given.
-
-    A mixed task file (such as `paligemma demo-data`'s) also holds answers ("red", "2") and detections,
-    which are not descriptions of the whole image.
-    """
-    return [ex for ex in examples if ex.task in (None, "caption")]
-
-
 def match_matrix(examples: list) -> torch.Tensor:
     """(N, N) bool: text j (example j's first reference) is a right answer for image i (see module docstring)."""
-    from paligemma_cli.processing.siglip_tokenizer import canonicalize
-
     images = [str(ex.image) for ex in examples]
     captions = [canonicalize(ex.references[0]) for ex in examples]
     same_image = torch.tensor([[a == b for b in images] for a in images])
     same_caption = torch.tensor([[a == b for b in captions] for a in captions])
     return same_image | same_caption
-
-
-@torch.no_grad()
-def embed_images(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    device = next(model.parameters()).device
-    return model.encode_image(pixel_values.to(device)).float().cpu()
-
-
-@torch.no_grad()
-def embed_texts(model, tokenizer, texts: Sequence[str]) -> torch.Tensor:
-    device = next(model.parameters()).device
-    return model.encode_text(tokenizer(texts).to(device)).float().cpu()
-
-
-@torch.no_grad()
-def label_probabilities(model, tokenizer, pixel_values: torch.Tensor, labels: Sequence[str]) -> torch.Tensor:
-    """(B, 3, S, S) images and L label texts -> (B, L) independent probabilities `sigmoid(logits_per_image)`."""
-    device = next(model.parameters()).device
-    logits_per_image, _ = model(pixel_values.to(device), tokenizer(labels).to(device))
-    return torch.sigmoid(logits_per_image.float()).cpu()
 
 
 @dataclass
@@ -134,8 +104,6 @@ def evaluate_retrieval(model, tokenizer, examples: list, batch_size: int = 32,
     Examples whose image cannot be read are left out of both sides and listed in `skipped`.
     `on_progress(n)` is called after each batch of n examples.
     """
-    from paligemma_cli.processing.image import load_image, preprocess
-
     t0 = time.perf_counter()
     model.eval()
     size = model.config.vision.image_size
@@ -163,46 +131,3 @@ def evaluate_retrieval(model, tokenizer, examples: list, batch_size: int = 32,
         text_to_image={k: 100 * v for k, v in recall["text_to_image"].items()},
         skipped=skipped, seconds=time.perf_counter() - t0,
     )
-
-
-def load_dual_encoder(spec: str | None, device: str = "auto", dtype: str = "auto"):
-    """(model, tokenizer, folder) for a SigLIP dual encoder named like any `--model` (folder or cached Hub id)."""
-    from paligemma_cli.device import pick_device, pick_dtype
-    from paligemma_cli.settings import resolve_model
-    from paligemma_cli.model.dual_encoder_tmp import DualEncoder
-    from paligemma_cli.processing.siglip_tokenizer import SiglipTokenizer
-
-    if not spec:
-        # The default model is a PaliGemma, which has no text tower to compare against.
-        raise PaliGemmaError("this needs a SigLIP dual encoder: pass --model, e.g. a run folder of "
-                             "`paligemma train --objective siglip`")
-    folder = resolve_model(spec)
-    dev = pick_device(device)
-    model = DualEncoder.from_pretrained(folder, dtype=pick_dtype(dtype, dev), device=dev)
-    return model, SiglipTokenizer.from_folder(folder, model.config.text), folder
-
-
-def run_retrieval_eval(data: str | Path, model: str | None, batch_size: int = 32, limit: int | None = None,
-                       device: str = "auto", dtype: str = "auto",
-                       on_progress: Callable[[int], None] | None = None) -> dict:
-    """`paligemma eval DATA --task retrieval`: recall@1/5 of a dual encoder on a JSONL's caption lines.
-
-    Returns a JSON-ready dict: model, data, n, image_to_text / text_to_image {"r1", "r5"} in percent,
-    skipped, seconds.
-    """
-    from paligemma_cli.data.jsonl import read_jsonl
-
-    examples = caption_examples(read_jsonl(data))[:limit]
-    if not examples:
-        raise PaliGemmaError(f"{data}: no caption lines to evaluate (lines with task \"caption\" or no task)")
-    encoder, tokenizer, folder = load_dual_encoder(model, device, dtype)
-    report = evaluate_retrieval(encoder, tokenizer, examples, batch_size, on_progress)
-    return {"model": str(folder), "data": str(data), **report.as_dict(), "seconds": round(report.seconds, 2)}
-
-
-def format_retrieval(result: dict) -> str:
-    """Two lines for a terminal: `image->text  R@1 42.00  R@5 80.00`, then text->image."""
-    lines = []
-    for name, key in (("image->text", "image_to_text"), ("text->image", "text_to_image")):
-        lines.append(f"{name}  " + "  ".join(f"R@{k[1:]} {v:.2f}" for k, v in result[key].items()))
-    return "\n".join(lines)

@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from PIL import Image
 
 from paligemma_cli.errors import PaliGemmaError
 from paligemma_cli.inference.generate import SamplingOptions
 from paligemma_cli.model.kv_cache import KVCache
-from paligemma_cli.inference.pipeline import GenerationStats
+from paligemma_cli.inference.pipeline import GenerationStats, Pipeline
 
 # Room for the question when the cache is first allocated; a longer question grows the cache.
 PROMPT_BUDGET = 64
@@ -49,12 +50,12 @@ class ChatSession:
     """Answers questions about the current image, reusing its encoding between questions.
 
     Args:
-        pipeline: a loaded `Pipeline` (model, tokenizer, processor).
+        pipeline: a loaded `Pipeline`; load it with `fast_layout=True`, which speeds up every question.
         opts: sampling options; may be changed between questions.
         exact: re-prefill image + question for every question, so answers equal `Pipeline.stream`.
 
     Example:
-        chat = ChatSession(Pipeline.load("runs/demo"), SamplingOptions(max_new_tokens=32))
+        chat = ChatSession(Pipeline.load("runs/demo", fast_layout=True), SamplingOptions(max_new_tokens=32))
         chat.set_image("examples/shapes.png")
         for piece in chat.ask("answer en what color is the circle?"):  # vision tower + full prefill
             print(piece, end="", flush=True)
@@ -62,7 +63,7 @@ class ChatSession:
         chat.last.ttft_s, chat.history[-1].answer
     """
 
-    pipeline: "object"
+    pipeline: Pipeline
     opts: SamplingOptions = field(default_factory=SamplingOptions)
     exact: bool = False
     image_name: str | None = field(default=None, init=False)
@@ -72,10 +73,6 @@ class ChatSession:
     _cache: KVCache | None = field(default=None, init=False, repr=False)
     # The cache right after `<image> x n + <bos>`; None until that prefill has completed.
     _snap: tuple | None = field(default=None, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        # A one-time weight layout change that speeds up every question, the first one included.
-        self.pipeline.model.use_fast_cpu_layout()
 
     # --- state --------------------------------------------------------------------------------
 
@@ -98,10 +95,8 @@ class ChatSession:
         self._cache = self._snap = None
 
     def warm_up(self) -> None:
-        """Answer a throwaway question about a blank image, so that a compiled model (`compile_decode`)
+        """Answer a throwaway question about a blank image, so that a compiled decoder (`Pipeline.compile`)
         compiles now, not during the user's first question. Image, cache and history stay as they were."""
-        from PIL import Image
-
         saved = (self._pixels, self.image_name, self._cache, self._snap, list(self.history), self.last, self.opts)
         size = self.pipeline.model.config.vision.image_size
         self.set_image(Image.new("RGB", (size, size), "white"))
@@ -167,14 +162,14 @@ class ChatSession:
 
     def _prefill_image(self, question_len: int) -> None:
         """Run the vision tower and prefill `<image> x n + <bos>` (type 0) into a fresh cache."""
-        model, tok = self.pipeline.model, self.pipeline.tokenizer
+        model, tok, decoder = self.pipeline.model, self.pipeline.tokenizer, self.pipeline.decoder
         n = model.config.num_image_tokens
         size = n + 1 + max(question_len, PROMPT_BUDGET) + self.opts.max_new_tokens
         size = min(size, model.config.text.max_position_embeddings)
-        self._cache = model.new_cache(1, size)
+        self._cache = decoder.new_cache(1, size)
         ids = torch.tensor([[tok.image_token_id] * n + [tok.bos_id]], device=model.device)
         with torch.inference_mode():
-            model.extend(self._cache, ids, self._pixels, torch.zeros_like(ids))
+            decoder.extend(self._cache, ids, self._pixels, torch.zeros_like(ids))
         self._snap = self._cache.snapshot()  # only set once the prefill has completed
 
     def _grow(self, needed: int) -> None:

@@ -59,10 +59,11 @@ def sample(logits: torch.Tensor, opts: SamplingOptions, generator: torch.Generat
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def generate_tokens(model, batch: dict, opts: SamplingOptions, eos_id: int = 1, pad_id: int = 0,
+def generate_tokens(decoder, batch: dict, opts: SamplingOptions, eos_id: int = 1, pad_id: int = 0,
                     cache=None) -> Iterator[torch.Tensor]:
     """Yield (B,) new token ids per step until every row has produced `eos_id` or the limit is hit.
 
+    `decoder` is what `new_cache` and `extend` are called on: a `PaliGemma`, or a `CompiledDecoder`.
     `batch` holds left-padded `input_ids`, `attention_mask`, `token_type_ids` and `pixel_values`.
     Rows that are done keep yielding `pad_id`. A `cache` may be passed in (e.g. to reuse it).
     """
@@ -70,12 +71,12 @@ def generate_tokens(model, batch: dict, opts: SamplingOptions, eos_id: int = 1, 
     ids = batch["input_ids"]
     B, T = ids.shape
     if cache is None:
-        cache = model.new_cache(B, T + opts.max_new_tokens)
+        cache = decoder.new_cache(B, T + opts.max_new_tokens)
     generator = None
     if opts.seed is not None:
         generator = torch.Generator(device=ids.device).manual_seed(opts.seed)
     with torch.inference_mode():
-        logits = model.extend(cache, ids, batch.get("pixel_values"), batch.get("token_type_ids"),
+        logits = decoder.extend(cache, ids, batch.get("pixel_values"), batch.get("token_type_ids"),
                               batch.get("attention_mask"))
         done = None  # (B,) bool once the first token is out: the first one is yielded as soon as sampled
         for step in range(opts.max_new_tokens):
@@ -86,10 +87,10 @@ def generate_tokens(model, batch: dict, opts: SamplingOptions, eos_id: int = 1, 
             done = token == eos_id if done is None else done | (token == eos_id)
             if step == opts.max_new_tokens - 1 or bool(done.all()):
                 return
-            logits = model.extend(cache, token[:, None])
+            logits = decoder.extend(cache, token[:, None])
 
 
-def generate(model, batch: dict, opts: SamplingOptions, eos_id: int = 1, pad_id: int = 0) -> torch.Tensor:
+def generate(decoder, batch: dict, opts: SamplingOptions, eos_id: int = 1, pad_id: int = 0) -> torch.Tensor:
     """(B, n) new token ids, n <= max_new_tokens, `pad_id` after each row's `eos_id`."""
-    steps = list(generate_tokens(model, batch, opts, eos_id, pad_id))
+    steps = list(generate_tokens(decoder, batch, opts, eos_id, pad_id))
     return torch.stack(steps, dim=1)

@@ -13,8 +13,16 @@ from typing import Iterator, Sequence
 
 import torch
 
+from paligemma_cli.checkpoints.hf import load_model
+from paligemma_cli.device import pick_device, pick_dtype
 from paligemma_cli.errors import PaliGemmaError
 from paligemma_cli.inference.generate import SamplingOptions, generate_tokens
+from paligemma_cli.model.paligemma import PaliGemma
+from paligemma_cli.processing.processor import PaliGemmaProcessor
+from paligemma_cli.processing.tokenizer import PaliGemmaTokenizer
+from paligemma_cli.speed.compiled_decode import CompiledDecoder
+from paligemma_cli.speed.cpu_layout import use_fast_cpu_layout
+from paligemma_cli.speed.quantize import parse_quantize
 
 
 @dataclass
@@ -37,12 +45,20 @@ class GenerationStats:
 
 @dataclass
 class Pipeline:
-    model: "object"
-    tokenizer: "object"
-    processor: "object"
+    """A loaded checkpoint: `model`, its `tokenizer` and `processor`, and the `decoder` that generation
+    calls (`new_cache`, `extend`): the model itself, or a `CompiledDecoder` after `compile()`."""
+
+    model: PaliGemma
+    tokenizer: PaliGemmaTokenizer
+    processor: PaliGemmaProcessor
     folder: Path
     load_s: float = 0.0
     last: GenerationStats = field(default_factory=GenerationStats)
+    decoder: object = None
+
+    def __post_init__(self) -> None:
+        if self.decoder is None:
+            self.decoder = self.model
 
     @classmethod
     def load(cls, folder: str | Path, device: str = "auto", dtype: str = "auto",
@@ -50,24 +66,18 @@ class Pipeline:
         """Model, tokenizer and processor of a checkpoint folder. `quantize="int8"`: int8 decoder weights
         (see `core.quantize`), made while loading; a folder saved quantized is int8 either way.
 
-        `fast_layout`: give the weights the CPU's fastest layout (`PaliGemma.use_fast_cpu_layout`; in
-        bf16 decoding ~1.4-1.7x faster on PaliGemma 3B) at a one-time cost (3-5 s for 3B), worth it for
-        sessions that decode many tokens (chat, captioning a folder, eval), not for one short answer,
-        which is better served by the memory-mapped weights as they are (loaded in ~0.1 s).
+        `fast_layout`: give the weights the CPU's fastest layout (`use_fast_cpu_layout`) at a one-time
+        cost of seconds on a 3B model, worth it for sessions that decode many tokens (chat, captioning a
+        folder, eval), not for one short answer, which is better served by the memory-mapped weights as
+        they are (see docs/speed.md).
         """
-        from paligemma_cli.checkpoints.hf import load_model
-        from paligemma_cli.device import pick_device, pick_dtype
-        from paligemma_cli.processing.processor import PaliGemmaProcessor
-        from paligemma_cli.speed.quantize import parse_quantize
-        from paligemma_cli.processing.tokenizer import PaliGemmaTokenizer
-
         t0 = time.perf_counter()
         folder = Path(folder)
         quantize = parse_quantize(quantize)
         dev = pick_device(device)
         model = load_model(folder, dtype=pick_dtype(dtype, dev), device=dev, quantize=quantize)
         if fast_layout:
-            model.use_fast_cpu_layout()
+            use_fast_cpu_layout(model)
         tokenizer = PaliGemmaTokenizer.from_folder(folder)
         if tokenizer.image_token_id != model.config.image_token_id:
             raise PaliGemmaError(
@@ -76,6 +86,12 @@ class Pipeline:
             )
         processor = PaliGemmaProcessor(tokenizer, model.config.image_size, model.config.num_image_tokens)
         return cls(model, tokenizer, processor, folder, load_s=time.perf_counter() - t0)
+
+    def compile(self) -> "Pipeline":
+        """Decode through `torch.compile` from now on (see `CompiledDecoder`); returns the pipeline."""
+        if not isinstance(self.decoder, CompiledDecoder):
+            self.decoder = CompiledDecoder(self.model)
+        return self
 
     def max_prompt_tokens(self, max_new_tokens: int) -> int:
         return self.model.config.text.max_position_embeddings - max_new_tokens
@@ -97,19 +113,19 @@ class Pipeline:
     def stream_batch(self, batch: dict, opts: SamplingOptions, stats: GenerationStats, t0: float,
                      cache=None) -> Iterator[str]:
         """Text pieces of a one-row batch's answer, filling `stats` (timings from `t0`) as it goes."""
-        decoder = self.tokenizer.stream()
+        text = self.tokenizer.stream()
         eos = self.tokenizer.eos_id
-        for step, token in enumerate(generate_tokens(self.model, batch, opts, eos, self.tokenizer.pad_id, cache)):
+        for step, token in enumerate(generate_tokens(self.decoder, batch, opts, eos, self.tokenizer.pad_id, cache)):
             tid = int(token[0])  # the one sync per token that streaming needs
             if step == 0:
                 stats.ttft_s = time.perf_counter() - t0
             if tid == eos:
                 break
             stats.new_tokens += 1
-            piece = decoder.push(tid)
+            piece = text.push(tid)
             if piece:
                 yield piece
-        tail = decoder.flush()
+        tail = text.flush()
         if tail:
             yield tail
         stats.total_s = time.perf_counter() - t0
@@ -120,7 +136,7 @@ class Pipeline:
         batch = self.prepare(images, prompts, opts.max_new_tokens)
         steps = []
         eos = self.tokenizer.eos_id
-        for step, token in enumerate(generate_tokens(self.model, batch, opts, eos, self.tokenizer.pad_id)):
+        for step, token in enumerate(generate_tokens(self.decoder, batch, opts, eos, self.tokenizer.pad_id)):
             if step == 0:
                 ttft = time.perf_counter() - t0
             steps.append(token)

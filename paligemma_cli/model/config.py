@@ -1,8 +1,10 @@
 """Model configuration: dataclasses read from a checkpoint's `config.json`, and named presets.
 
-The on-disk format is Hugging Face's `PaliGemmaConfig` (a `vision_config` and a `text_config` inside one
-JSON object). Keys a checkpoint leaves out take the defaults `transformers` would use for its
-`model_type`, so a hub `config.json` and a `save_pretrained` one read the same.
+The on-disk formats are Hugging Face's `PaliGemmaConfig` and `SiglipConfig` (a `vision_config` and a
+`text_config` inside one JSON object). Keys a checkpoint leaves out take the defaults `transformers`
+would use for its `model_type`, so a hub `config.json` and a `save_pretrained` one read the same.
+Presets (`PaliGemmaConfig.from_name("paligemma2-3b-448", text__num_hidden_layers=2)`) give the published
+shapes and the small ones this project trains; overrides make tiny test versions of them (litgpt's way).
 """
 
 from __future__ import annotations
@@ -12,11 +14,47 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, ClassVar
 
 from paligemma_cli.errors import PaliGemmaError
 
 GEMMA_VOCAB = 257216  # 256000 pieces + 1024 <loc> + 128 <seg> + <image>, padded to a multiple of 64
 IMAGE_TOKEN_ID = 257152
+
+
+class ConfigFile:
+    """What the model configs share: `config.json` in and out, and named presets with overrides."""
+
+    presets: ClassVar[dict[str, Callable]]
+    kind: ClassVar[str]  # for messages: "model", "SigLIP"
+
+    def to_dict(self) -> dict:
+        raise NotImplementedError
+
+    def save(self, folder: str | Path) -> None:
+        Path(folder, "config.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @staticmethod
+    def read_json(path: str | Path) -> dict:
+        """The JSON object in `path`; a missing or malformed file is a one-line error."""
+        path = Path(path)
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            raise PaliGemmaError(f"'{path.parent}' is not a checkpoint folder: it has no config.json") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PaliGemmaError(f"'{path}' is not valid JSON ({e})") from None
+
+    @classmethod
+    def from_name(cls, name: str, **overrides):
+        """A preset by name; overrides as `text__hidden_size=64` (part__field) or `image_token_id=5`."""
+        if name not in cls.presets:
+            raise PaliGemmaError(f"unknown {cls.kind} config {name!r}; known: {', '.join(sorted(cls.presets))}")
+        cfg = cls.presets[name]()
+        for key, value in overrides.items():
+            part, _, attr = key.partition("__")
+            setattr(getattr(cfg, part) if attr else cfg, attr or part, value)
+        return cfg
 
 
 @dataclass
@@ -81,10 +119,13 @@ class TextConfig:
 
 
 @dataclass
-class PaliGemmaConfig:
+class PaliGemmaConfig(ConfigFile):
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     image_token_id: int = IMAGE_TOKEN_ID
+
+    presets: ClassVar[dict[str, Callable]] = {}
+    kind: ClassVar[str] = "model"
 
     @property
     def num_image_tokens(self) -> int:
@@ -122,13 +163,7 @@ class PaliGemmaConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "PaliGemmaConfig":
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise PaliGemmaError(f"'{path.parent}' is not a checkpoint folder: it has no config.json") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise PaliGemmaError(f"'{path}' is not valid JSON ({e})") from None
+        d = cls.read_json(path)
         if d.get("model_type") not in (None, "paligemma"):
             raise PaliGemmaError(f"'{path}' describes a {d.get('model_type')!r} model, not a PaliGemma one")
         if "text_config" not in d:
@@ -184,23 +219,6 @@ class PaliGemmaConfig:
                 "vision_use_head": False,
             },
         }
-
-    def save(self, folder: str | Path) -> None:
-        Path(folder, "config.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    # --- presets -------------------------------------------------------------------------------
-
-    @classmethod
-    def from_name(cls, name: str, **overrides) -> "PaliGemmaConfig":
-        """A published size by name, e.g. `paligemma2-3b-448`; overrides as `text__hidden_size=64`."""
-        if name not in PRESETS:
-            raise PaliGemmaError(f"unknown model config {name!r}; known: {', '.join(sorted(PRESETS))}")
-        cfg = PRESETS[name]()
-        for key, value in overrides.items():
-            part, _, attr = key.partition("__")
-            target = getattr(cfg, part) if attr else cfg
-            setattr(target, attr or part, value)
-        return cfg
 
 
 _GEMMA2_LAYERS = lambda n: ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]  # noqa: E731
@@ -260,7 +278,7 @@ def _paligemma2(image_size: int, hidden: int, layers: int, heads: int, kv: int, 
     return PaliGemmaConfig(vision=VisionConfig(image_size=image_size), text=text)
 
 
-PRESETS = {}
+PRESETS = PaliGemmaConfig.presets
 for _size in (224, 448, 896):
     PRESETS[f"paligemma-3b-{_size}"] = lambda s=_size: _paligemma1(s)
     PRESETS[f"paligemma2-3b-{_size}"] = lambda s=_size: _paligemma2(s, 2304, 26, 8, 4, 256, 9216, 256)
@@ -300,3 +318,141 @@ def _tiny_32() -> PaliGemmaConfig:
 
 
 PRESETS["tiny-32"] = _tiny_32
+
+
+# --- SigLIP dual encoder ------------------------------------------------------------------------------
+
+
+@dataclass
+class SiglipTextConfig:
+    """SigLIP text tower. Defaults are `transformers`' `SiglipTextConfig` (the base model)."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 64  # texts are padded to exactly this many tokens
+    layer_norm_eps: float = 1e-6
+    projection_size: int | None = None  # output of `head`; None means hidden_size
+    # SigLIP's SentencePiece tokenizer uses `</s>` (id 1) both to end and to pad a text.
+    pad_token_id: int = 1
+    eos_token_id: int = 1
+
+    @property
+    def output_size(self) -> int:
+        return self.projection_size or self.hidden_size
+
+
+def _base_vision() -> VisionConfig:
+    # transformers' SiglipVisionConfig defaults (siglip-base-patch16-224), not PaliGemma's So400m.
+    return VisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                        image_size=224, patch_size=16)
+
+
+@dataclass
+class SiglipConfig(ConfigFile):
+    """Both towers of a `transformers` `SiglipModel` (`model_type: siglip`)."""
+
+    vision: VisionConfig = field(default_factory=_base_vision)
+    text: SiglipTextConfig = field(default_factory=SiglipTextConfig)
+
+    presets: ClassVar[dict[str, Callable]] = {}
+    kind: ClassVar[str] = "SigLIP"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SiglipConfig":
+        """Read the HF layout; keys left out take `transformers`' defaults."""
+        v, t = dict(d.get("vision_config") or {}), dict(d.get("text_config") or {})
+        base = _base_vision()
+        vision = VisionConfig(**{f: v.get(f, getattr(base, f)) for f in (
+            "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+            "patch_size", "layer_norm_eps", "num_channels")})
+        text_defaults = SiglipTextConfig()
+        text = SiglipTextConfig(**{f: t.get(f, getattr(text_defaults, f)) for f in text_defaults.__dataclass_fields__})
+        for name in ("pad_token_id", "eos_token_id"):  # may be null in the file
+            if getattr(text, name) is None:
+                setattr(text, name, getattr(text_defaults, name))
+        return cls(vision=vision, text=text)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "SiglipConfig":
+        d = cls.read_json(path)
+        if d.get("model_type") != "siglip":
+            raise PaliGemmaError(f"'{path}' describes a {d.get('model_type')!r} model, not a SigLIP dual encoder "
+                                 "(model_type 'siglip')")
+        return cls.from_dict(d)
+
+    def to_dict(self) -> dict:
+        """The HF layout, loadable by `transformers.SiglipModel.from_pretrained`."""
+        v, t = self.vision, self.text
+        return {
+            "architectures": ["SiglipModel"],
+            "model_type": "siglip",
+            "text_config": {
+                "model_type": "siglip_text_model",
+                "vocab_size": t.vocab_size,
+                "hidden_size": t.hidden_size,
+                "intermediate_size": t.intermediate_size,
+                "num_hidden_layers": t.num_hidden_layers,
+                "num_attention_heads": t.num_attention_heads,
+                "max_position_embeddings": t.max_position_embeddings,
+                "layer_norm_eps": t.layer_norm_eps,
+                "projection_size": t.output_size,
+                "hidden_act": "gelu_pytorch_tanh",
+                "pad_token_id": t.pad_token_id,
+                "eos_token_id": t.eos_token_id,
+                "bos_token_id": None,  # SigLIP adds none; HF's default (49406) is outside a 32k vocabulary
+            },
+            "vision_config": {
+                "model_type": "siglip_vision_model",
+                "hidden_size": v.hidden_size,
+                "intermediate_size": v.intermediate_size,
+                "num_hidden_layers": v.num_hidden_layers,
+                "num_attention_heads": v.num_attention_heads,
+                "image_size": v.image_size,
+                "patch_size": v.patch_size,
+                "layer_norm_eps": v.layer_norm_eps,
+                "num_channels": v.num_channels,
+                "hidden_act": "gelu_pytorch_tanh",
+                "vision_use_head": True,
+            },
+        }
+
+
+def _so400m(image_size: int) -> SiglipConfig:
+    # Both towers are So400m-shaped; the vision tower is the one PaliGemma starts from.
+    return SiglipConfig(
+        vision=VisionConfig(image_size=image_size, patch_size=14),
+        text=SiglipTextConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16),
+    )
+
+
+SIGLIP_PRESETS = SiglipConfig.presets
+SIGLIP_PRESETS["siglip-base-patch16-224"] = SiglipConfig
+SIGLIP_PRESETS["siglip-so400m-patch14-224"] = lambda: _so400m(224)
+SIGLIP_PRESETS["siglip-so400m-patch14-384"] = lambda: _so400m(384)
+
+
+def _siglip_demo_64() -> SiglipConfig:
+    """~2M parameters; the image tower is exactly `demo-64`'s, so `paligemma train --model-config demo-64
+    --init-vision RUN` can start from it. The vocabulary is set from the tokenizer trained for the run."""
+    vision = VisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                          image_size=64, patch_size=8)
+    text = SiglipTextConfig(vocab_size=1000, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=64)
+    return SiglipConfig(vision=vision, text=text)
+
+
+def _siglip_tiny_32() -> SiglipConfig:
+    """A ~60k-parameter dual encoder for tests; the image tower is `tiny-32`'s. Texts are 16 tokens."""
+    vision = VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                          image_size=32, patch_size=8)
+    text = SiglipTextConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=16)
+    return SiglipConfig(vision=vision, text=text)
+
+
+# The vocabulary of these two is set from the tokenizer trained for the run.
+SIGLIP_PRESETS["siglip-demo-64"] = _siglip_demo_64
+SIGLIP_PRESETS["siglip-tiny-32"] = _siglip_tiny_32

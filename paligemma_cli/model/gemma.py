@@ -16,6 +16,14 @@ from paligemma_cli.model.config import TextConfig
 from paligemma_cli.model.kv_cache import KVCache
 
 
+class TiedEmbedding(nn.Embedding):
+    """The token table, which is also the output head (Gemma ties them): `attend` is `h @ table.T`."""
+
+    def attend(self, h: torch.Tensor) -> torch.Tensor:
+        """(…, D) -> (…, vocab) scores against every row of the table."""
+        return h @ self.weight.T
+
+
 class RMSNorm(nn.Module):
     """`x * rsqrt(mean(x²) + eps) * (1 + w)` in float32; the stored weight is `w` (zero = identity)."""
 
@@ -105,7 +113,7 @@ def attention_bias(mask: torch.Tensor, groups: int, dtype: torch.dtype) -> torch
 class GemmaAttention(nn.Module):
     def __init__(self, cfg: TextConfig, layer_idx: int):
         super().__init__()
-        self.layer_idx = layer_idx
+        self.config, self.layer_idx = cfg, layer_idx
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.scale = cfg.attn_scale
         self.softcap = cfg.attn_logit_softcapping if cfg.is_gemma2 else None
@@ -114,23 +122,21 @@ class GemmaAttention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
         self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
-        self.qkv_proj = None  # q|k|v as one linear, in place of the three (inference; see `core/fused_linear.py`)
+
+    def project(self, x: torch.Tensor, last_only: bool = False):
+        """x (B, T, D) -> q (B, T', H*hd), k and v (B, T, KV*hd); T' = 1 with `last_only`, else T."""
+        return self.q_proj(x[:, -1:] if last_only else x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x, cos, sin, bias, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
         """x: (B, T, D); cos, sin: (B, T, 1, hd) from `RopeTable`; bias: (B, 1, T*G, S) from `attention_bias`.
 
-        With `last_only`, keys and values are computed (and cached) for all T tokens but the query is used
-        for the last one only (and computed only for it unless fused), and (B, 1, D) is returned; `bias`
-        must then hold only the last token's G rows.
+        With `last_only`, keys and values are computed (and cached) for all T tokens but the query only for
+        the last one, and (B, 1, D) is returned; `bias` must then hold only the last token's G rows.
         """
         B, T, _ = x.shape
         H, KV, hd = self.n_heads, self.n_kv, self.head_dim
         G = H // KV
-        if self.qkv_proj is None:
-            q, k, v = self.q_proj(x[:, -1:] if last_only else x), self.k_proj(x), self.v_proj(x)
-        else:
-            q, k, v = self.qkv_proj(x).split((H * hd, KV * hd, KV * hd), dim=-1)
-            q = q[:, -1:] if last_only else q
+        q, k, v = self.project(x, last_only)
         k = apply_rope_folded(k.view(B, T, KV, hd), cos, sin).transpose(1, 2)  # (B, KV, T, hd)
         v = v.view(B, T, KV, hd).transpose(1, 2)
         if last_only:
@@ -157,16 +163,16 @@ class GemmaMLP(nn.Module):
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
+        self.config = cfg
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.gate_up_proj = None  # gate|up as one linear, in place of the two (inference; `core/fused_linear.py`)
+
+    def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gate_proj(x), self.up_proj(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_proj is None:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        else:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate, up = self.gate_up(x)
         return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
@@ -199,16 +205,16 @@ class GemmaDecoder(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = TiedEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(GemmaDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gradient_checkpointing = False
         self.rope = RopeTable(cfg.head_dim, cfg.rope_theta)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        w = self.embed_tokens.weight
-        # The normalizer is cast to the weight dtype first, as Gemma was trained (45.25, not 45.2548, in bf16).
-        return F.embedding(ids, w) * torch.tensor(self.config.hidden_size**0.5, dtype=w.dtype)
+        x = self.embed_tokens(ids)
+        # The normalizer is cast to the activation dtype first, as Gemma was trained (45.25, not 45.2548, in bf16).
+        return x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, masks: dict, cache: KVCache | None = None,
                 last_only: bool = False):
@@ -236,12 +242,9 @@ class GemmaDecoder(nn.Module):
                 x = layer(x, cos, sin, bias, cache)
         return self.norm(x)
 
-    def output_head(self, h: torch.Tensor) -> torch.Tensor:
-        return h @ self.embed_tokens.weight.T
-
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """(…, D) -> (…, vocab) through the tied embedding, soft-capped on Gemma 2."""
-        logits = self.output_head(h)
+        logits = self.embed_tokens.attend(h)
         cap = self.config.final_logit_softcapping if self.config.is_gemma2 else None
         if cap:
             logits = torch.tanh(logits / cap) * cap

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from paligemma_cli.errors import PaliGemmaError
+
 
 @dataclass
 class KVCache:
@@ -52,6 +54,34 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.valid.shape[1]
+
+    def claim(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+              attention_mask: torch.Tensor | None = None) -> tuple[int, int, torch.Tensor]:
+        """Mark slots [start, end) for (B, T) new tokens (real/padding, prefix/suffix), advance the rows'
+        next RoPE positions, and return (start, end, positions (B, T)). `length` is left to the caller,
+        to move once the tokens' keys and values are in. `token_type_ids=None`: all suffix (type 1)."""
+        T = input_ids.shape[1]
+        start, end = self.length, self.length + T
+        if end > self.max_len:
+            raise PaliGemmaError(f"sequence of {end} tokens exceeds the cache ({self.max_len})")
+        if attention_mask is None:  # every new slot holds a real token: the common case, kept cheap
+            self.valid[:, start:end] = True
+            prefix = token_type_ids == 0 if token_type_ids is not None else None
+            positions = self.next_pos[:, None] + torch.arange(T, device=input_ids.device)
+            self.next_pos += T
+        else:
+            real = attention_mask.bool()
+            self.valid[:, start:end] = real
+            prefix = (token_type_ids == 0) & real if token_type_ids is not None else None
+            counts = real.long().cumsum(-1)
+            positions = (self.next_pos[:, None] + counts - 1).masked_fill(~real, 1)
+            self.next_pos += counts[:, -1]
+        self.pos_bound += T  # next_pos grew by at most T
+        if prefix is None:  # generated tokens belong to the causal suffix
+            self.prefix[:, start:end] = False
+        else:
+            self.prefix[:, start:end] = prefix
+        return start, end, positions
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store (B, n_kv, T, hd) at slots [length, length+T); return the filled part of the cache."""

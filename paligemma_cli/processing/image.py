@@ -1,8 +1,8 @@
 """Reading images and turning them into PaliGemma's pixel tensor.
 
-References: the "Processor" section of the spec; transformers' `SiglipImageProcessorPil` (PIL bicubic
-resize, rescale 1/255, normalise mean = std = 0.5) and `image_transforms.convert_to_rgb`, whose
-handling of transparency (composite onto white) we copy. big_vision trained with bilinear+antialias
+References: transformers' `SiglipImageProcessorPil` (PIL bicubic resize, rescale 1/255, normalise
+mean = std = 0.5) and `image_transforms.convert_to_rgb`, whose handling of transparency (composite
+onto white) we copy. big_vision trained with bilinear+antialias
 resizing; transformers and this package use PIL bicubic.
 """
 
@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from paligemma_cli.errors import PaliGemmaError
@@ -87,8 +88,6 @@ def preprocess(images: Sequence[Image.Image], size: int):
         float32 tensor [B, 3, S, S] in [-1, 1]: PIL bicubic resize to (S, S) without keeping the
         aspect ratio, x / 255, (x - 0.5) / 0.5.
     """
-    import torch
-
     out = torch.empty(len(images), 3, size, size)
     for b, image in enumerate(images):
         image = to_rgb(image).resize((size, size), Image.Resampling.BICUBIC)

@@ -1,4 +1,4 @@
-"""Boxes in PaliGemma's detection answers: parse, format, draw, compare.
+"""Boxes in PaliGemma's detection answers: parse and format.
 
 A `detect cat ; dog` answer holds, per object, four location tokens and a label:
 `<loc0123><loc0456><loc0789><loc1000> cat ; <loc...>... dog`. The tokens are y0, x0, y1, x1 as bins
@@ -9,7 +9,7 @@ References: big_vision `big_vision/evaluators/proj/paligemma/transfers/detection
 `big_vision/pp/proj/paligemma/` (encode `round(v * 1023)`, decode `bin / 1023` times the original
 height/width); the PaliGemma paper (arXiv:2407.07726), section on location tokens.
 
-Pure Python (Pillow only for drawing), so the CLI can use it without torch.
+Pure Python, so the CLI can use it without torch.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from PIL import Image, ImageDraw, ImageFont
 
 NUM_BINS = 1024
 _MAX_BIN = NUM_BINS - 1
@@ -26,12 +25,6 @@ _MAX_BIN = NUM_BINS - 1
 # after matching, so that a piece with 3 or 5 of them is skipped rather than half-read.
 _OBJECT = re.compile(r"^((?:<loc\d+>)+)((?:<seg\d+>)*)\s*(.*?)\s*$", re.DOTALL)
 _LOC = re.compile(r"<loc(\d+)>")
-
-# Colours with enough contrast on photos; picked per label so one class keeps one colour.
-_PALETTE = (
-    "#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4",
-    "#42d4f4", "#f032e6", "#bfef45", "#fabed4", "#469990",
-)
 
 
 @dataclass(frozen=True)
@@ -110,30 +103,3 @@ def format_detections(boxes: list[Box], width: int, height: int) -> str:
         y1, x1 = _to_bin(box.y1, height), _to_bin(box.x1, width)
         objects.append(f"<loc{y0:04d}><loc{x0:04d}><loc{y1:04d}><loc{x1:04d}> {box.label}")
     return " ; ".join(objects)
-
-
-def box_iou(a: Box, b: Box) -> float:
-    """Intersection over union of two boxes (continuous pixel coordinates); 0 if both are empty."""
-    inter_w = min(a.x1, b.x1) - max(a.x0, b.x0)
-    inter_h = min(a.y1, b.y1) - max(a.y0, b.y0)
-    inter = max(0.0, inter_w) * max(0.0, inter_h)
-    union = a.area + b.area - inter
-    return inter / union if union > 0 else 0.0
-
-
-def draw_boxes(image: Image.Image, boxes: list[Box], line_width: int = 3) -> Image.Image:
-    """A copy of `image` with each box outlined and its label written on a filled tag above it."""
-    out = image.convert("RGB")  # convert always copies, so the caller's image is left alone
-    draw = ImageDraw.Draw(out)
-    font = ImageFont.load_default()
-    colours: dict[str, str] = {}
-    for box in boxes:
-        colour = colours.setdefault(box.label, _PALETTE[len(colours) % len(_PALETTE)])
-        draw.rectangle((box.x0, box.y0, box.x1, box.y1), outline=colour, width=line_width)
-        left, top, right, bottom = draw.textbbox((0, 0), box.label, font=font)
-        text_w, text_h = right - left, bottom - top
-        # The tag sits above the box, or inside it when the box touches the top edge.
-        tag_y = box.y0 - text_h - 4 if box.y0 - text_h - 4 >= 0 else box.y0
-        draw.rectangle((box.x0, tag_y, box.x0 + text_w + 4, tag_y + text_h + 4), fill=colour)
-        draw.text((box.x0 + 2 - left, tag_y + 2 - top), box.label, fill="white", font=font)
-    return out

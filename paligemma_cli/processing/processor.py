@@ -1,8 +1,7 @@
 """Prompts and images to model inputs, as transformers' `PaliGemmaProcessor` builds them.
 
-References: the "Processor" and "Attention mask" sections of the spec; transformers'
-`PaliGemmaProcessor` (whose outputs the tests compare against); big_vision's PaliGemma README for
-the prompt layout.
+References: transformers' `PaliGemmaProcessor` (whose outputs the tests compare against); big_vision's
+PaliGemma README for the prompt layout.
 
 One example is laid out as
 
@@ -16,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 from paligemma_cli.errors import PaliGemmaError
@@ -81,8 +81,6 @@ class PaliGemmaProcessor:
         Raises:
             PaliGemmaError: when a row is longer than `max_length`, or counts do not match.
         """
-        import torch
-
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise PaliGemmaError("no prompts given: pass at least one prompt")

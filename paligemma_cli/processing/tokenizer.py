@@ -1,7 +1,7 @@
 """PaliGemma's tokenizer: the checkpoint's SentencePiece `tokenizer.model` plus the `<image>` id.
 
-References: google/sentencepiece (`SentencePieceProcessor`); the "Processor" and "Vocabulary"
-sections of the spec; transformers' `GemmaTokenizer` and `PaliGemmaProcessor`, which add `<image>`
+References: google/sentencepiece (`SentencePieceProcessor`); transformers' `GemmaTokenizer` and
+`PaliGemmaProcessor`, which add `<image>`
 as one extra token after the last piece (257152 for real checkpoints) and tokenize `<loc>`/`<seg>`
 pieces as single tokens.
 
@@ -12,9 +12,33 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import sentencepiece as spm
+
 from paligemma_cli.errors import PaliGemmaError
 
 TOKENIZER_FILE = "tokenizer.model"
+
+
+def load_sentencepiece(path: str | Path):
+    """A `sentencepiece.SentencePieceProcessor` from a model file; a missing or unreadable file is a
+    one-line PaliGemmaError."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise PaliGemmaError(f"tokenizer file '{path}' not found") from None
+    except OSError as e:
+        raise PaliGemmaError(f"cannot read tokenizer file '{path}': {e.strerror or e}") from None
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.LoadFromSerializedProto(data)
+    except (RuntimeError, OSError, TypeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PaliGemmaError(
+            f"cannot read tokenizer file '{path}': not a SentencePiece model ({reason}); "
+            "copy the checkpoint's tokenizer.model again"
+        ) from None
+    return sp
 
 
 class PaliGemmaTokenizer:
@@ -32,25 +56,7 @@ class PaliGemmaTokenizer:
     @classmethod
     def from_file(cls, path: str | Path) -> PaliGemmaTokenizer:
         """Load a SentencePiece `tokenizer.model`; a missing or unreadable file is a PaliGemmaError."""
-        import sentencepiece as spm
-
-        path = Path(path)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise PaliGemmaError(f"tokenizer file '{path}' not found") from None
-        except OSError as e:
-            raise PaliGemmaError(f"cannot read tokenizer file '{path}': {e.strerror or e}") from None
-        sp = spm.SentencePieceProcessor()
-        try:
-            sp.LoadFromSerializedProto(data)
-        except (RuntimeError, OSError, TypeError) as e:
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise PaliGemmaError(
-                f"cannot read tokenizer file '{path}': not a SentencePiece model ({reason}); "
-                "copy the checkpoint's tokenizer.model again"
-            ) from None
-        return cls(sp)
+        return cls(load_sentencepiece(path))
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> PaliGemmaTokenizer:

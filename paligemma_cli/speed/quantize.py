@@ -13,9 +13,9 @@ table is tied to the output head; it is kept once, in int8, and serves both: the
 and a lookup dequantizes just the rows it reads. That is the smallest choice: a float copy kept for the
 lookup would cost 2 more bytes per entry (1 GB for PaliGemma 3B's 257216 x 2048 bf16 table).
 
-`gemma.py` reads `embed_tokens.weight` directly in `embed` and `output_head`; `quantize_model` therefore also
-swaps the class of the decoder (and of the model, whose `dtype` reads that table) for the subclasses
-below, which route both through the int8 table.
+Quantizing is a swap of modules, as in gpt-fast: `QuantizedLinear` for each decoder `nn.Linear` and
+`QuantizedEmbedding` for the tied table, whose `forward` (lookup) and `attend` (output head) the decoder
+calls as it calls the float table's.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from paligemma_cli.errors import PaliGemmaError
-from paligemma_cli.model.gemma import GemmaDecoder
 from paligemma_cli.model.paligemma import PaliGemma
 
 METHOD = "int8-weight-only"
@@ -151,7 +150,7 @@ class QuantizedLinear(nn.Module):
 
 
 class QuantizedEmbedding(nn.Module):
-    """The tied table in int8, one scale per row: a lookup (`forward`) and the output head (`head`)."""
+    """The tied table in int8, one scale per row: a lookup (`forward`) and the output head (`attend`)."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
@@ -175,7 +174,7 @@ class QuantizedEmbedding(nn.Module):
         """(…) ids -> (…, D) rows, dequantized: only the rows looked up are ever made float."""
         return F.embedding(ids, self.weight).to(self.dtype) * self.scales[ids].unsqueeze(-1)
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
+    def attend(self, h: torch.Tensor) -> torch.Tensor:
         """(…, D) -> (…, vocab): the tied output head."""
         return int8_linear(h, self.weight, self.scales)
 
@@ -183,32 +182,8 @@ class QuantizedEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 x {self.scales.dtype}"
 
 
-class QuantizedGemmaDecoder(GemmaDecoder):
-    """`GemmaDecoder` whose `embed_tokens` is a `QuantizedEmbedding` (set by `quantize_model`)."""
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed_tokens(ids)
-        # As GemmaDecoder.embed: the normalizer is cast to the activation dtype first.
-        return x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
-
-    def output_head(self, h: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens.head(h)
-
-
-class QuantizedPaliGemma(PaliGemma):
-    """`PaliGemma` whose dtype and device are read off the (float) projector, not the int8 table."""
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.multi_modal_projector.linear.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.multi_modal_projector.linear.weight.device
-
-
-def is_quantized(model: nn.Module) -> bool:
-    return isinstance(model, QuantizedPaliGemma)
+def is_quantized(model: PaliGemma) -> bool:
+    return isinstance(model.language_model.embed_tokens, QuantizedEmbedding)
 
 
 @torch.no_grad()
@@ -218,10 +193,10 @@ def quantize_model(model: PaliGemma) -> PaliGemma:
     freed as soon as its int8 copy exists. On the `meta` device it builds the empty int8 skeleton that a
     quantized checkpoint loads into. A model already quantized is returned as it is.
     """
+    if not isinstance(model, PaliGemma):
+        raise PaliGemmaError(f"quantize_model expects a PaliGemma, got {type(model).__name__}")
     if is_quantized(model):
         return model
-    if type(model) is not PaliGemma:
-        raise PaliGemmaError(f"quantize_model expects a PaliGemma, got {type(model).__name__}")
     decoder = model.language_model
     linears = [name for name, m in decoder.named_modules() if isinstance(m, nn.Linear)]
     for name in linears:
@@ -229,6 +204,4 @@ def quantize_model(model: PaliGemma) -> PaliGemma:
         parent = decoder.get_submodule(parent_name)
         setattr(parent, attr, QuantizedLinear.from_float(getattr(parent, attr)))
     decoder.embed_tokens = QuantizedEmbedding.from_float(decoder.embed_tokens)
-    decoder.__class__ = QuantizedGemmaDecoder
-    model.__class__ = QuantizedPaliGemma
     return model

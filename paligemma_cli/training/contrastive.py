@@ -2,15 +2,10 @@
 
 References: Zhai et al., "Sigmoid Loss for Language Image Pre-Training" (2023) and big_vision's
 `trainers/proj/image_text/siglip.py`; Radford et al. (CLIP, 2021) for the softmax objective. The losses
-are in `contrastive_loss.py`, the model in `siglip_dual_encoder.py`.
-
-The run works like `training.py`'s PaliGemma trainer, whose pure pieces it reuses: data order is a pure
-function of (seed, step) (`BatchOrder`) and the learning rate of the step (`lr_at`), so a resumed run
-ends exactly where an uninterrupted one would. The run folder is a complete dual-encoder checkpoint
-(config.json + model.safetensors in `transformers`' `SiglipModel` layout, tokenizer.model), which
-`paligemma classify`, `paligemma eval --task retrieval` and `paligemma train --init-vision` load, plus
-`train_config.yaml`, `metrics.jsonl` and `trainer_state.pt` (what `--resume` needs). Each file is
-replaced atomically.
+are in `contrastive_loss.py`, the model in `model/siglip.py`, the loop in `common.py`. The run folder is
+a complete dual-encoder checkpoint (config.json + model.safetensors in `transformers`' `SiglipModel`
+layout, tokenizer.model), which `paligemma classify`, `paligemma eval --task retrieval` and
+`paligemma train --init-vision` load, plus the resume state and metrics.
 
 Only caption lines are used (`task` "caption" or none): the caption is `suffix` (its first reference).
 With `hard_negatives` = K, each image also brings up to K of its line's `negatives` (wrong captions
@@ -25,81 +20,43 @@ import json
 import os
 import random
 import shutil
-import time
-import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 
-from paligemma_cli.model.config import VisionConfig
-from paligemma_cli.training.contrastive_loss import CLIP_INIT_LOGIT_SCALE, clip_loss, siglip_loss, siglip_loss_chunked
+from paligemma_cli.checkpoints.atomic import atomic_save_tensors, atomic_write_text
+from paligemma_cli.checkpoints.hf import load_dual_encoder
+from paligemma_cli.data.jsonl import caption_examples, read_jsonl
 from paligemma_cli.errors import PaliGemmaError
-from paligemma_cli.model.dual_encoder_tmp import SIGLIP_PRESETS, DualEncoder, SiglipConfig, SiglipTextConfig
-from paligemma_cli.training.paligemma import (BatchOrder, _atomic_save_tensors, _atomic_write_text, _coerce,
-                                         check_run_folder, lr_at, pick_autocast, trim_metrics)
+from paligemma_cli.model.config import SiglipConfig
+from paligemma_cli.model.siglip import DualEncoder
+from paligemma_cli.processing.image import preprocess
+from paligemma_cli.processing.siglip_tokenizer import SiglipTokenizer
+from paligemma_cli.training.common import BatchOrder, RunSettings, TrainerBase, adamw, usable_examples
+from paligemma_cli.training.contrastive_loss import CLIP_INIT_LOGIT_SCALE, clip_loss, siglip_loss, siglip_loss_chunked
+from paligemma_cli.training.tokenizer_training import train_siglip_tokenizer
 
 CONTRASTIVE_OBJECTIVES = ("siglip", "clip")
 
-# Settings a resumed run must keep, or it would silently train something other than the run it continues.
-RESUME_FIXED = ("objective", "model", "model_config", "batch_size", "seed", "max_length", "tokenizer_vocab_size",
-                "hard_negatives")
-
-
-# --- small presets for training from scratch ----------------------------------------------------------
-
-
-def _siglip_demo_64() -> SiglipConfig:
-    """~2M parameters; the image tower is exactly `demo-64`'s, so `paligemma train --model-config demo-64
-    --init-vision RUN` can start from it. The vocabulary is set from the tokenizer trained for the run."""
-    vision = VisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                          image_size=64, patch_size=8)
-    text = SiglipTextConfig(vocab_size=1000, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
-                            num_attention_heads=4, max_position_embeddings=64)
-    return SiglipConfig(vision=vision, text=text)
-
-
-def _siglip_tiny_32() -> SiglipConfig:
-    """A ~60k-parameter dual encoder for tests; the image tower is `tiny-32`'s. Texts are 16 tokens."""
-    vision = VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                          image_size=32, patch_size=8)
-    text = SiglipTextConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=2, max_position_embeddings=16)
-    return SiglipConfig(vision=vision, text=text)
-
-
-# Registered here, not in siglip_dual_encoder.py, because they only make sense with a trained tokenizer.
-SIGLIP_PRESETS.setdefault("siglip-demo-64", _siglip_demo_64)
-SIGLIP_PRESETS.setdefault("siglip-tiny-32", _siglip_tiny_32)
-
-
-# --- configuration ---------------------------------------------------------------------------------
-
 
 @dataclass
-class ContrastiveTrainConfig:
+class ContrastiveTrainConfig(RunSettings):
     data: str = ""  # JSONL of image-caption pairs: the caption is `suffix`
-    out: str = ""
     objective: str = "siglip"  # siglip (sigmoid loss) | clip (softmax loss)
     model: str | None = None  # a dual-encoder checkpoint folder to continue from
     model_config: str | None = None  # or a named SiglipConfig to train from scratch, e.g. siglip-demo-64
-    steps: int = 1000
     batch_size: int = 64  # contrastive losses want large batches: every other pair is a negative
     lr: float | None = None  # None: 1e-3 from scratch, 1e-5 from a checkpoint
     weight_decay: float = 1e-4  # on matrices only, not on norms, biases, temperature or bias
-    warmup_steps: int = 50
-    schedule: str = "cosine"  # cosine | constant
-    min_lr_ratio: float = 0.0
-    clip: float = 1.0  # gradient-norm clip (0 disables)
     chunk_size: int = 0  # SigLIP loss over blocks of this many texts (0: the whole batch at once)
-    precision: str = "auto"  # auto | bf16 | fp32
-    seed: int = 0
-    save_every: int = 200
-    log_every: int = 10
     max_length: int | None = None  # from scratch: text positions (None: the preset's); a checkpoint keeps its own
-    tokenizer_vocab_size: int = 1000  # upper bound for the tokenizer trained from scratch
+    tokenizer_vocab_size: int = 1000
     hard_negatives: int = 0  # per image and step, up to this many of its line's `negatives` join the batch
+
+    resume_fixed: ClassVar[tuple[str, ...]] = ("objective", "model", "model_config", "batch_size", "seed",
+                                               "max_length", "tokenizer_vocab_size", "hard_negatives")
 
     def resolved(self) -> "ContrastiveTrainConfig":
         cfg = dataclasses.replace(self)
@@ -114,33 +71,17 @@ class ContrastiveTrainConfig:
             cfg.lr = 1e-5 if cfg.model else 1e-3
         if cfg.steps < 1 or cfg.batch_size < 2:
             raise PaliGemmaError("--steps must be at least 1 and --batch-size at least 2 (pairs need negatives)")
-        if cfg.schedule not in ("cosine", "constant"):
-            raise PaliGemmaError(f"--schedule must be cosine or constant, got {cfg.schedule!r}")
-        if cfg.precision not in ("auto", "bf16", "fp32"):
-            raise PaliGemmaError(f"--precision must be auto, bf16 or fp32, got {cfg.precision!r}")
-        if cfg.warmup_steps < 0 or cfg.chunk_size < 0 or cfg.hard_negatives < 0 or cfg.log_every < 1 or cfg.save_every < 1:
-            raise PaliGemmaError("--warmup-steps, --hard-negatives and chunk_size must be at least 0, "
-                                 "--log-every and --save-every at least 1")
+        cfg.check_common()
+        if cfg.chunk_size < 0 or cfg.hard_negatives < 0:
+            raise PaliGemmaError("--hard-negatives and chunk_size must be at least 0")
         if cfg.max_length is not None and cfg.max_length < 2:
             raise PaliGemmaError("max_length must be at least 2 (a token and </s>)")
         return cfg
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ContrastiveTrainConfig":
-        """Settings from YAML or flags (keys with - or _), checked against the field types."""
-        hints = typing.get_type_hints(cls)
-        clean = {k.replace("-", "_"): v for k, v in d.items()}
-        unknown = sorted(set(clean) - set(hints))
-        if unknown:
-            raise PaliGemmaError(f"setting(s) {', '.join(unknown)} do not apply to contrastive training "
-                                 f"(--objective siglip/clip); it takes: {', '.join(hints)}")
-        return cls(**{k: _coerce(k, v, hints[k]) for k, v in clean.items()})
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-# --- the trainer -----------------------------------------------------------------------------------
+    def unknown_settings(cls, names: list[str]) -> PaliGemmaError:
+        return PaliGemmaError(f"setting(s) {', '.join(names)} do not apply to contrastive training "
+                              f"(--objective siglip/clip); it takes: {', '.join(sorted(cls.field_names()))}")
 
 
 def contrastive_loss(model: DualEncoder, pixel_values: torch.Tensor, input_ids: torch.Tensor, objective: str,
@@ -157,36 +98,23 @@ def contrastive_loss(model: DualEncoder, pixel_values: torch.Tensor, input_ids: 
         return siglip_loss(img, txt, model.logit_scale, model.logit_bias)
 
 
-@dataclass
-class ContrastiveState:
-    step: int = 0
-    skipped_images: int = 0
-
-
-class ContrastiveTrainer:
+class ContrastiveTrainer(TrainerBase):
     """Holds the dual encoder, data and optimizer; `run()` trains to `cfg.steps`, saving as it goes.
 
-    Same interface as `training.Trainer` (cfg, state.step, on_log, run(), save()), so `paligemma train`
-    drives either with the same progress display.
+    Same interface as the captioning `Trainer` (cfg, state.step, on_log, run(), save()), so
+    `paligemma train` drives either with the same progress display.
     """
 
     def __init__(self, cfg: ContrastiveTrainConfig, device: str | torch.device = "cpu",
                  on_log: Callable[[dict], None] | None = None, resume: bool = False):
-        from paligemma_cli.data.jsonl import read_jsonl
-        from paligemma_cli.evaluation.retrieval import caption_examples
-
-        self.cfg = cfg = cfg.resolved()
-        self.device = torch.device(device)
-        self.on_log = on_log or (lambda m: None)
-        self.out = Path(cfg.out)
-        self.resuming = resume
-        state_file = check_run_folder(self.out, resume)
+        cfg = cfg.resolved()
+        super().__init__(cfg, device, on_log, resume)
         everything = read_jsonl(cfg.data)
         self.examples = caption_examples(everything)
         if not self.examples:
             raise PaliGemmaError(f"'{cfg.data}' has no caption lines (lines with task \"caption\" or no task) "
                                  f"among its {len(everything)} example(s)")
-        self._check_examples()
+        self.examples, self.missing_images = usable_examples(self.examples, cfg.data)
         if cfg.hard_negatives and not any(ex.negatives for ex in self.examples):
             raise PaliGemmaError(f"--hard-negatives needs wrong captions in a \"negatives\" list on the caption "
                                  f"lines; '{cfg.data}' has none (`paligemma demo-data --task caption` writes them)")
@@ -199,47 +127,16 @@ class ContrastiveTrainer:
         self.negative_first = [0, *itertools.accumulate(counts)]
         self.negative_ids = self.tokenizer([n for ex in self.examples for n in ex.negatives]) if sum(counts) else None
         self.order = BatchOrder(len(self.examples), cfg.batch_size, cfg.seed)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],  # decaying the temperature would bias it
-            lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
-        )
-        self.state = ContrastiveState()
-        self.bad_images: set[str] = set()
-        self.autocast = pick_autocast(cfg.precision, self.device)
-        self._updating = False
-        if resume:
-            self._load_state(state_file)
-        else:
-            self.out.mkdir(parents=True, exist_ok=True)
-            _atomic_write_text(self.out / "train_config.yaml", self._config_yaml())
+        self.optimizer = adamw(self.model, cfg)  # no decay on the temperature: it would bias it
+        self.examples_per_step = cfg.batch_size
+        self.start()
 
     # --- set-up --------------------------------------------------------------------------------
 
-    def _check_examples(self) -> None:
-        """Drop lines whose image file is missing; fail before any step when no image can be read."""
-        from paligemma_cli.processing.image import load_image
-
-        usable = [ex for ex in self.examples if os.path.exists(ex.image)]
-        self.missing_images = len(self.examples) - len(usable)
-        for ex in usable:  # stops at the first good image, so this is quick
-            try:
-                load_image(ex.image)
-                break
-            except PaliGemmaError:
-                continue
-        else:
-            raise PaliGemmaError(f"'{self.cfg.data}' has no usable example: none of its images can be read "
-                                 "(image paths are relative to the JSONL file)")
-        self.examples = usable
-
     def _build_model(self) -> None:
-        from paligemma_cli.processing.siglip_tokenizer import SiglipTokenizer, train_siglip_tokenizer
-
         cfg = self.cfg
         if cfg.model:
-            self.model = DualEncoder.from_pretrained(cfg.model, dtype=torch.float32, device=self.device)
+            self.model = load_dual_encoder(cfg.model, dtype=torch.float32, device=self.device)
             self.tokenizer = SiglipTokenizer.from_folder(cfg.model, self.model.config.text)
         else:
             tok_path = self.out / "tokenizer.model"
@@ -269,19 +166,12 @@ class ContrastiveTrainer:
         """(pixel_values (B, 3, S, S), input_ids (B + M, T)); unreadable images drop out (each counted once).
 
         Rows past B of input_ids are the M hard negatives, drawn as a pure function of (seed, step)."""
-        from paligemma_cli.processing.image import load_image, preprocess
-
         images, rows = [], []
         for i in indices:
-            path = str(self.examples[i].image)
-            if path in self.bad_images:
-                continue
-            try:
-                images.append(load_image(path))
+            image = self.read_image(self.examples[i].image)
+            if image is not None:
+                images.append(image)
                 rows.append(i)
-            except PaliGemmaError:
-                self.bad_images.add(path)
-                self.state.skipped_images += 1
         if len(rows) < 2:  # one pair has no negative to learn from
             return None
         pixel_values = preprocess(images, self.model.config.vision.image_size)
@@ -299,10 +189,7 @@ class ContrastiveTrainer:
 
     def train_step(self) -> dict:
         cfg = self.cfg
-        lr = lr_at(self.state.step, cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.begin_step()
         batch = self.make_batch(self.order(self.state.step), self.state.step)
         loss = float("nan")
         if batch is not None:
@@ -310,98 +197,38 @@ class ContrastiveTrainer:
                 value = contrastive_loss(self.model, *batch, cfg.objective, cfg.chunk_size)
             value.backward()
             loss = value.item()
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip) if cfg.clip > 0 else torch.tensor(0.0)
-        self._updating = True
-        self.optimizer.step()
-        self.state.step += 1
-        self._updating = False
-        return {"step": self.state.step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
+        grad_norm = self.finish_step()
+        return {"step": self.state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                 "temperature": self.model.logit_scale.exp().item(), "bias": self.model.logit_bias.item()}
-
-    def run(self) -> dict:
-        cfg = self.cfg
-        t0, seen, last = time.perf_counter(), 0, {}
-        try:
-            while self.state.step < cfg.steps:
-                metrics = self.train_step()
-                seen += cfg.batch_size
-                metrics["examples_per_s"] = seen / (time.perf_counter() - t0)
-                step = self.state.step
-                if step % cfg.log_every == 0 or step == cfg.steps:
-                    self._log(metrics)
-                self.on_log(metrics)
-                last = metrics
-                if step % cfg.save_every == 0 and step < cfg.steps:
-                    self.save()
-        except KeyboardInterrupt:
-            # Ctrl-C inside optimizer.step() leaves the weights half updated: keep the last checkpoint then.
-            if not self._updating:
-                self.save()
-            raise
-        self.save()
-        return {**last, "steps": self.state.step, "skipped_images": self.state.skipped_images,
-                "missing_images": self.missing_images, "out": str(self.out)}
-
-    def _log(self, metrics: dict) -> None:
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({**metrics, "time": time.time()}) + "\n")
 
     # --- saving and resuming -------------------------------------------------------------------
 
     def save(self) -> None:
-        """The checkpoint files (as `DualEncoder.save_pretrained` lays them out) and then the resume state.
+        """The checkpoint files (as `save_dual_encoder` lays them out) and then the resume state.
 
-        Not `save_pretrained` itself: it swaps in a whole new folder, which would drop the run's
+        Not `save_dual_encoder` itself: it swaps in a whole new folder, which would drop the run's
         metrics and resume state.
         """
         self.out.mkdir(parents=True, exist_ok=True)
         weights = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        _atomic_write_text(self.out / "config.json", json.dumps(self.model.config.to_dict(), indent=2) + "\n")
-        _atomic_save_tensors(weights, self.out / "model.safetensors")
+        atomic_write_text(self.out / "config.json", json.dumps(self.model.config.to_dict(), indent=2) + "\n")
+        atomic_save_tensors(weights, self.out / "model.safetensors")
         tok = Path(self.tokenizer.path)
         if tok.resolve() != (self.out / "tokenizer.model").resolve():  # from a checkpoint: bring its tokenizer
             tmp = self.out / ".tokenizer.model.tmp"
             shutil.copyfile(tok, tmp)
             os.replace(tmp, self.out / "tokenizer.model")
-        _atomic_write_text(self.out / "train_config.yaml", self._config_yaml())
-        state = {
-            "step": self.state.step,
-            "skipped_images": self.state.skipped_images,
-            "bad_images": sorted(self.bad_images),
-            "model": weights,
-            "optimizer": self.optimizer.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-            "config": self.cfg.to_dict(),
-        }
-        tmp = self.out / ".trainer_state.pt.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.out / "trainer_state.pt")
+        atomic_write_text(self.out / "train_config.yaml", self.config_yaml())
+        self.save_resume_state(weights)
 
-    def _config_yaml(self) -> str:
-        import yaml
-
-        return yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
-
-    def _load_state(self, path: Path) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=False)  # RNG state must stay on the CPU
-        saved = state.get("config", {})
+    def check_saved_settings(self, saved: dict) -> None:
         if "objective" not in saved:
-            raise PaliGemmaError(f"'{path}' is the state of a captioning run; resume it without --objective")
-        defaults = ContrastiveTrainConfig()  # a run saved before a setting existed used its default
-        for name in RESUME_FIXED:
-            used = saved.get(name, getattr(defaults, name))
-            if used != getattr(self.cfg, name):
-                raise PaliGemmaError(f"cannot resume '{self.out}' with {name} = {getattr(self.cfg, name)!r}: the run "
-                                     f"used {used!r}; start a new run to change it")
-        self.model.load_state_dict(state["model"], strict=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        self.state.step = state["step"]
-        self.state.skipped_images = state["skipped_images"]
-        self.bad_images = set(state["bad_images"])
-        trim_metrics(self.out, self.state.step)
+            raise PaliGemmaError(f"'{self.state_file}' is the state of a captioning run; resume it without --objective")
+        super().check_saved_settings(saved)
+
+    def load_weights(self, weights: dict[str, torch.Tensor], path: Path) -> None:
+        self.model.load_state_dict(weights, strict=True)
+
 
 def run_contrastive_training(settings: dict, resume: bool = False, device: str | torch.device = "cpu",
                              on_log: Callable[[dict], None] | None = None) -> dict:

@@ -19,9 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+
 # Initial values of the learned temperature (log-scale) and bias, from the two papers.
-SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)
-SIGLIP_INIT_LOGIT_BIAS = -10.0  # starts every pair near "negative": with B² - B negatives, that is the prior
 CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)
 CLIP_MAX_SCALE = 100.0  # CLIP caps exp(logit_scale) so training cannot sharpen the softmax without bound
 

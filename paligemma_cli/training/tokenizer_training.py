@@ -1,7 +1,7 @@
 """Train a small SentencePiece tokenizer laid out like Gemma's, for tests and from-scratch training.
 
-References: google/sentencepiece (`SentencePieceTrainer`, `sentencepiece_model.proto`) and the
-"Processor" and "Vocabulary" sections of the spec. The layout is the one the real PaliGemma
+References: google/sentencepiece (`SentencePieceTrainer`, `sentencepiece_model.proto`); transformers'
+`GemmaTokenizer` and `PaliGemmaProcessor`. The layout is the one the real PaliGemma
 `tokenizer.model` has, so that `transformers` reads a tiny model exactly as it reads the real one:
 
     0 <pad>  1 <eos>  2 <bos>  3 <unk>  4 <mask>  5 "\\n"  6.. bytes and learned pieces
@@ -22,6 +22,11 @@ import struct
 from collections.abc import Iterable
 from pathlib import Path
 
+import sentencepiece as spm
+
+from paligemma_cli.errors import PaliGemmaError
+from paligemma_cli.processing.siglip_tokenizer import canonicalize
+
 LOC_TOKENS = [f"<loc{i:04d}>" for i in range(1024)]
 SEG_TOKENS = [f"<seg{i:03d}>" for i in range(128)]
 _LOC_SEG = re.compile(r"<loc\d{4}>|<seg\d{3}>")
@@ -41,8 +46,6 @@ def train_tokenizer(texts: Iterable[str], out_path: str | Path, vocab_size: int 
     Returns:
         `out_path` as a Path. The same texts always give the same file.
     """
-    from paligemma_cli.errors import PaliGemmaError
-
     # One sentence per line; empty lines carry nothing to learn. Detection/segmentation answers hold
     # <loc>/<seg> tokens, which are appended as whole pieces below: left in the text, they would
     # waste the learned vocabulary on fragments such as "loc" and "><".
@@ -110,10 +113,6 @@ def run_sentencepiece_trainer(lines: list[str], **options) -> bytes:
     file descriptor; Jupyter and test runners replace it with streams that have none, so the real one
     is lent for the call.
     """
-    import sentencepiece as spm
-
-    from paligemma_cli.errors import PaliGemmaError
-
     saved = sys.stderr
     try:
         sys.stderr.fileno()
@@ -129,3 +128,29 @@ def run_sentencepiece_trainer(lines: list[str], **options) -> bytes:
     finally:
         sys.stderr = saved
     return model.getvalue()
+
+
+def train_siglip_tokenizer(texts: Iterable[str], out_path: str | Path, vocab_size: int = 1000) -> Path:
+    """Train a BPE SentencePiece model on canonicalised `texts`, in SigLIP's layout, and write it.
+
+    Layout: 0 `<pad>`, 1 `</s>`, 2 `<unk>`, no `<bos>` (as `google/siglip-*`'s `spiece.model`).
+    BPE, not the unigram model SigLIP's own file holds: on a small, repetitive corpus such as the shapes
+    captions, the unigram trainer stopped at 30 pieces, split "yellow" into letters and mapped "h" and
+    "f" to `<unk>` ("left" and "the" lost letters); BPE learns every word as one piece. The file format
+    and the layout are the same either way.
+    `vocab_size` is an upper bound: a small corpus yields fewer pieces instead of failing.
+    The same texts always give the same file.
+    """
+
+    lines = [line for line in (canonicalize(t) for t in texts) if line]
+    if not lines:
+        raise PaliGemmaError("cannot train a tokenizer: the captions are empty once punctuation is removed")
+    model = run_sentencepiece_trainer(
+        lines, model_type="bpe", vocab_size=vocab_size, hard_vocab_limit=False, character_coverage=1.0,
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
+        num_threads=1, shuffle_input_sentence=False,  # determinism
+    )
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_bytes(model)
+    return out_path

@@ -1,0 +1,357 @@
+"""What both trainers share: settings, the learning-rate schedule, data order, the run folder and the loop.
+
+A run is reproducible piece by piece: data order is a pure function of (seed, step) (`BatchOrder`) and
+the learning rate of the step (`lr_at`), so a resumed run draws the same batches and ends exactly where
+an uninterrupted one would. A run folder holds the model checkpoint, `train_config.yaml`,
+`metrics.jsonl` and `trainer_state.pt` (what `--resume` needs); each file is replaced atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ClassVar
+
+import torch
+import yaml
+
+from paligemma_cli.checkpoints.atomic import atomic_write_text
+from paligemma_cli.errors import PaliGemmaError
+from paligemma_cli.processing.image import load_image
+
+SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+# --- settings --------------------------------------------------------------------------------------------
+
+
+def coerce(name: str, value, hint):
+    """`value` as the type `hint` names (int, float, str, bool, list[str], or one of them | None)."""
+    optional = isinstance(hint, types.UnionType)  # every union here is `X | None`
+    if value is None and optional:
+        return None
+    kind = typing.get_args(hint)[0] if optional else hint
+    kind = typing.get_origin(kind) or kind  # list[str] -> list
+    if kind is float and isinstance(value, str):
+        try:
+            return float(value)  # PyYAML (YAML 1.1) reads 1e-4 as a string: it wants 1.0e-4
+        except ValueError:
+            pass
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        if kind is list and not all(isinstance(v, str) for v in value):
+            raise PaliGemmaError(f"setting {name} must be a list of names, got {value!r}")
+        return value
+    raise PaliGemmaError(f"setting {name} must be {'a list' if kind is list else kind.__name__}, got {value!r}")
+
+
+@dataclass
+class RunSettings:
+    """The settings of every training run; each trainer's config adds its own and may change defaults."""
+
+    data: str = ""
+    out: str = ""
+    model: str | None = None  # a checkpoint folder to start from
+    model_config: str | None = None  # or a named small config to train from scratch
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float | None = None  # None: the trainer's default for the kind of run
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    schedule: str = "cosine"  # cosine | constant
+    min_lr_ratio: float = 0.0
+    clip: float = 1.0  # gradient-norm clip (0 disables)
+    precision: str = "auto"  # auto | bf16 | fp32
+    seed: int = 0
+    save_every: int = 200
+    log_every: int = 10
+    max_length: int | None = None
+    tokenizer_vocab_size: int = 512  # upper bound for a tokenizer trained from scratch
+
+    # Settings a resumed run must keep, or it would silently train something other than the run it continues.
+    resume_fixed: ClassVar[tuple[str, ...]] = ()
+
+    def check_common(self) -> None:
+        """The checks every run needs; each trainer's `resolved()` calls it and adds its own."""
+        if self.schedule not in SCHEDULES:
+            raise PaliGemmaError(f"--schedule must be cosine or constant, got {self.schedule!r}")
+        if self.precision not in PRECISIONS:
+            raise PaliGemmaError(f"--precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.warmup_steps < 0 or self.log_every < 1 or self.save_every < 1:
+            raise PaliGemmaError("--warmup-steps must be at least 0, --log-every and --save-every at least 1")
+
+    @classmethod
+    def unknown_settings(cls, names: list[str]) -> PaliGemmaError:
+        return PaliGemmaError(f"unknown training setting(s): {', '.join(names)}; "
+                              f"known: {', '.join(f.name for f in dataclasses.fields(cls))}")
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """Settings from YAML or flags (keys with - or _), checked against the field types."""
+        hints = typing.get_type_hints(cls)
+        clean = {k.replace("-", "_"): v for k, v in d.items()}
+        unknown = sorted(set(clean) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise cls.unknown_settings(unknown)
+        return cls(**{k: coerce(k, v, hints[k]) for k, v in clean.items()})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+
+def lr_at(step: int, cfg: RunSettings) -> float:
+    """The learning rate of 0-based `step`: linear warmup over `warmup_steps`, then cosine decay
+    toward `min_lr_ratio * lr`, which it would reach at step `steps` (one past the last), so the last
+    step still learns."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    floor = cfg.min_lr_ratio * cfg.lr
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class BatchOrder:
+    """Which examples make micro-batch m: a fresh permutation per epoch, seeded by (seed, epoch)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        if n < batch_size:
+            raise PaliGemmaError(f"the dataset has {n} usable examples, fewer than the batch size {batch_size}")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.per_epoch = n // batch_size
+        self._epoch, self._perm = -1, None
+
+    def __call__(self, micro_step: int) -> list[int]:
+        epoch, i = divmod(micro_step, self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g).tolist()
+        return self._perm[i * self.batch_size:(i + 1) * self.batch_size]
+
+
+def pick_autocast(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    # auto: bf16 on GPUs that have it; on CPU float32, which is faster than emulated bf16 on most chips.
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def adamw(model: torch.nn.Module, cfg: RunSettings) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, weight decay on matrices only (not norms, biases, temperatures)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(
+        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
+    )
+
+
+# --- the run folder ----------------------------------------------------------------------------------------
+
+
+def check_run_folder(out: Path, resume: bool) -> Path:
+    """The run's `trainer_state.pt` path, after refusing a resume with nothing to resume or a new run
+    over an old one (or over a model folder, e.g. the checkpoint being fine-tuned)."""
+    state_file = out / "trainer_state.pt"
+    if resume and not state_file.exists():
+        raise PaliGemmaError(f"nothing to resume in '{out}' (no trainer_state.pt); start the run without --resume")
+    if not resume and state_file.exists():
+        raise PaliGemmaError(f"'{out}' already holds a run; pass --resume to continue it or choose another --out")
+    if not resume and (out / "config.json").exists():
+        raise PaliGemmaError(f"'{out}' already holds a model; choose another --out for the run")
+    return state_file
+
+
+def trim_metrics(out: Path, step: int) -> None:
+    """Drop metrics logged after the checkpoint (a run killed between saves): they are redone."""
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    keep = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(keep) != len(lines):
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def usable_examples(examples: list, data: str) -> tuple[list, int]:
+    """(the examples whose image file exists, how many do not); fails before any step when no image at all
+    can be read. Reading stops at the first good image, so this is quick."""
+    usable = [ex for ex in examples if os.path.exists(ex.image)]
+    if not usable:
+        raise PaliGemmaError(f"'{data}' has no usable example: none of its image files exists "
+                             "(image paths are relative to the JSONL file)")
+    for ex in usable:
+        try:
+            load_image(ex.image)
+            break
+        except PaliGemmaError:
+            continue
+    else:
+        raise PaliGemmaError(f"'{data}' has no usable example: none of its {len(usable)} images can be read "
+                             "(image paths are relative to the JSONL file)")
+    return usable, len(examples) - len(usable)
+
+
+# --- the loop ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    skipped_images: int = 0
+
+
+class TrainerBase:
+    """The loop, logging and resume state both trainers share. A subclass sets `cfg`, `model`,
+    `optimizer`, `out`, `device` and `missing_images`, and provides `train_step()`, `save()` and
+    `load_weights(state)`; `run()` trains to `cfg.steps`, saving as it goes and on Ctrl-C."""
+
+    examples_per_step: int  # for the examples/s figure
+
+    def __init__(self, cfg: RunSettings, device, on_log: Callable[[dict], None] | None, resume: bool):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.on_log = on_log or (lambda m: None)
+        self.out = Path(cfg.out)
+        self.resuming = resume
+        self.state_file = check_run_folder(self.out, resume)
+        self.state = TrainState()
+        self.saved_step = 0  # the step of the last checkpoint written, for messages
+        self.bad_images: set[str] = set()  # unreadable files, skipped without reading them again
+        self.autocast = pick_autocast(cfg.precision, self.device)
+        self._updating = False  # True while weights and optimizer are part-way through one step
+
+    def start(self) -> None:
+        """After the model and optimizer exist: resume, or record the run's settings from the start."""
+        if self.resuming:
+            self._load_state(self.state_file)
+        else:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out / "train_config.yaml", self.config_yaml())
+
+    def read_image(self, path):
+        """The image at `path`, or None if it cannot be read (each unreadable file counted once)."""
+        path = str(path)
+        if path in self.bad_images:
+            return None
+        try:
+            return load_image(path)
+        except PaliGemmaError:
+            self.bad_images.add(path)
+            self.state.skipped_images += 1
+            return None
+
+    def begin_step(self) -> float:
+        """Set this step's learning rate and clear the gradients; returns the learning rate."""
+        lr = lr_at(self.state.step, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        return lr
+
+    def finish_step(self) -> float:
+        """Clip, update and count the step; returns the gradient norm before clipping."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.clip) if self.cfg.clip > 0 else torch.tensor(0.0)
+        self._updating = True
+        self.optimizer.step()
+        self.state.step += 1
+        self._updating = False
+        return float(grad_norm)
+
+    def after_step(self, metrics: dict) -> None:
+        """Hook for per-step extras (the captioning trainer's validation loss)."""
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        t0, seen, last = time.perf_counter(), 0, {}
+        try:
+            while self.state.step < cfg.steps:
+                metrics = self.train_step()
+                seen += self.examples_per_step
+                metrics["examples_per_s"] = seen / (time.perf_counter() - t0)
+                self.after_step(metrics)
+                step = self.state.step
+                if step % cfg.log_every == 0 or step == cfg.steps or "val_loss" in metrics:
+                    self._log(metrics)
+                self.on_log(metrics)
+                last = metrics
+                if step % cfg.save_every == 0 and step < cfg.steps:
+                    self.save()
+        except KeyboardInterrupt:
+            # Ctrl-C inside optimizer.step() leaves some weights updated and some not: keep the last
+            # checkpoint then. Anywhere else the weights are those of a finished step.
+            if not self._updating:
+                self.save()
+            raise
+        self.save()
+        return {**last, "steps": self.state.step, "skipped_images": self.state.skipped_images,
+                "missing_images": self.missing_images, "out": str(self.out)}
+
+    def _log(self, metrics: dict) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({**metrics, "time": time.time()}) + "\n")
+
+    def config_yaml(self) -> str:
+        return yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)
+
+    # --- resume state ------------------------------------------------------------------------------------
+
+    def save_resume_state(self, weights: dict[str, torch.Tensor]) -> None:
+        """Write what `--resume` needs beside the checkpoint: `weights` (those the run trains), the
+        optimizer, the RNG states, the step and the settings."""
+        state = {
+            "step": self.state.step,
+            "skipped_images": self.state.skipped_images,
+            "bad_images": sorted(self.bad_images),
+            "model": weights,
+            "optimizer": self.optimizer.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "config": self.cfg.to_dict(),
+        }
+        tmp = self.out / ".trainer_state.pt.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.out / "trainer_state.pt")
+        self.saved_step = self.state.step
+
+    def check_saved_settings(self, saved: dict) -> None:
+        """Refuse to resume with a setting that decides what is trained changed from the saved run's."""
+        defaults = type(self.cfg)()  # a run saved before a setting existed used its default
+        for name in self.cfg.resume_fixed:
+            used = saved.get(name, getattr(defaults, name))
+            if used != getattr(self.cfg, name):
+                raise PaliGemmaError(f"cannot resume '{self.out}' with {name} = {getattr(self.cfg, name)!r}: the run "
+                                     f"used {used!r}; start a new run to change it")
+
+    def _load_state(self, path: Path) -> None:
+        # On the CPU: the RNG state must stay there; load_state_dict moves the rest to the model's device.
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        self.check_saved_settings(state.get("config", {}))
+        self.load_weights(state["model"], path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        self.state.step = self.saved_step = state["step"]
+        self.state.skipped_images = state["skipped_images"]
+        self.bad_images = set(state.get("bad_images", []))  # absent in states saved before it was kept
+        trim_metrics(self.out, self.state.step)

@@ -1,0 +1,249 @@
+"""`paligemma convert`: big_vision .npz -> folder, dtype recast, LoRA merge, and the failures in between.
+
+The npz files are written from random models through the inverse mapping (`state_dict_to_npz`), in the
+published layout: `params/` prefix, layers stacked, bfloat16 as 2-byte raw data.
+"""
+
+import errno
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import typer
+from safetensors import safe_open
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from paligemma_cli.cli import friendly_errors
+from paligemma_cli.commands.convert import convert
+from paligemma_cli.checkpoints.hf import load_model, save_model
+from paligemma_cli.model.config import PaliGemmaConfig
+from paligemma_cli.model.paligemma import PaliGemma
+from paligemma_cli.model.lora import apply_lora, lora_state_dict
+from paligemma_cli.checkpoints.big_vision import infer_config, state_dict_to_npz
+from tests.fixtures.hf_reference import IMAGE_TOKEN, hf_position_ids, make_inputs, randomize_, tiny_hf_config
+
+GEMMA2_FLAGS = ["--attn-logit-softcap", "1.5", "--final-logit-softcap", "2.5", "--query-pre-attn-scalar", "20",
+                "--sliding-window", "6"]
+
+
+def _app():
+    app = typer.Typer()
+    app.callback()(lambda: None)  # keeps `convert` a subcommand rather than the whole app
+    app.command("convert")(friendly_errors(convert))
+    return app
+
+
+def run_cli(*args):
+    return CliRunner().invoke(_app(), ["convert", *map(str, args)])
+
+
+def make_model(variant: str, dtype=torch.float32, seed: int = 0) -> PaliGemma:
+    """A tiny random model (the parity tests' shapes) whose embedding stops at <image>, as the npz does."""
+    torch.manual_seed(seed)
+    model = PaliGemma(PaliGemmaConfig.from_dict(tiny_hf_config(variant).to_dict()))
+    randomize_(model, seed)
+    with torch.no_grad():
+        model.language_model.embed_tokens.weight[IMAGE_TOKEN:] = 0
+    return model.to(dtype).eval()
+
+
+def write_npz(model, path, **changes):
+    arrays = state_dict_to_npz(model)
+    for key, value in changes.items():
+        if value is None:
+            del arrays[key]
+        else:
+            arrays[key] = value
+    np.savez(path, **arrays)
+    return path
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(**batch)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return make_inputs([4, 2], suffix_lengths=[2, 3], seed=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("variant", ["gemma", "gemma2"])
+def test_npz_round_trip_gives_the_same_logits(variant, dtype, batch, tmp_path):
+    model = make_model(variant, dtype)
+    npz = write_npz(model, tmp_path / "pt.npz")
+    if dtype == torch.bfloat16:  # stored as raw 2-byte data, like the PaliGemma 2 release
+        assert np.load(npz)["params/llm/final_norm/scale"].dtype == np.dtype("V2")
+    flags = GEMMA2_FLAGS if variant == "gemma2" else []
+    result = run_cli(npz, tmp_path / "out", *flags)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(tmp_path / "out")
+    converted = load_model(tmp_path / "out")
+    assert converted.config.to_dict() == model.config.to_dict()
+    assert converted.dtype == dtype
+    assert torch.equal(logits(converted, batch), logits(model, batch))
+
+
+@pytest.mark.parametrize("variant", ["gemma", "gemma2"])
+def test_converted_folder_matches_transformers(variant, batch, tmp_path):
+    from transformers import PaliGemmaForConditionalGeneration
+
+    model = make_model(variant)
+    npz = write_npz(model, tmp_path / "pt.npz")
+    result = run_cli(npz, tmp_path / "out", *(GEMMA2_FLAGS if variant == "gemma2" else []))
+    assert result.exit_code == 0, result.output
+    hf = PaliGemmaForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        got = hf(**batch, position_ids=hf_position_ids(batch["attention_mask"])).logits
+    real = batch["attention_mask"].bool()
+    assert (got[real] - logits(model, batch)[real]).abs().max() < 1e-4
+
+
+def test_published_shapes_give_the_published_config():
+    # The real 3B npz: 257152 embedding rows; <image> is the next id and the table pads to 257216.
+    from paligemma_cli.checkpoints.big_vision import expected_npz_shapes
+
+    for name in ("paligemma-3b-448", "paligemma2-3b-224", "paligemma2-28b-896"):
+        published = PaliGemmaConfig.from_name(name)
+        shapes = expected_npz_shapes(published)
+        assert shapes["llm/embedder/input_embedding"][0] == 257152
+        assert infer_config(shapes).to_dict() == published.to_dict()
+
+
+def test_tokenizer_is_copied_as_tokenizer_model(tmp_path):
+    npz = write_npz(make_model("gemma"), tmp_path / "pt.npz")
+    (tmp_path / "paligemma_tokenizer.model").write_bytes(b"sentencepiece bytes")
+    result = run_cli(npz, tmp_path / "out", "--tokenizer", tmp_path / "paligemma_tokenizer.model")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "tokenizer.model").read_bytes() == b"sentencepiece bytes"
+
+
+def test_missing_array_is_named(tmp_path):
+    npz = write_npz(make_model("gemma"), tmp_path / "pt.npz", **{"params/img/Transformer/encoder_norm/bias": None})
+    result = run_cli(npz, tmp_path / "out")
+    assert result.exit_code == 1
+    assert "missing 'img/Transformer/encoder_norm/bias'" in result.stderr
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_misshapen_array_is_named(tmp_path):
+    key = "params/llm/layers/attn/attn_vec_einsum/w"
+    npz = write_npz(make_model("gemma2"), tmp_path / "pt.npz", **{key: np.zeros((3, 4, 12, 41), np.float32)})
+    result = run_cli(npz, tmp_path / "out", *GEMMA2_FLAGS)
+    assert result.exit_code == 1
+    assert "'llm/layers/attn/attn_vec_einsum/w' has shape (3, 4, 12, 41), expected (3, 4, 12, 40)" in result.stderr
+
+
+def test_gemma2_options_refused_for_gemma1(tmp_path):
+    npz = write_npz(make_model("gemma"), tmp_path / "pt.npz")
+    result = run_cli(npz, tmp_path / "out", "--final-logit-softcap", "30")
+    assert result.exit_code == 1 and "Gemma 2" in result.stderr
+
+
+def test_not_a_checkpoint(tmp_path):
+    (tmp_path / "notes.npz").write_text("not a zip file")
+    (tmp_path / "empty").mkdir()
+    truncated = write_npz(make_model("gemma"), tmp_path / "pt.npz")
+    data = truncated.read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+    flipped = bytearray(data)
+    flipped[len(data) // 2: len(data) // 2 + 64] = bytes(64)  # inside a stored array: a CRC error on read
+    (tmp_path / "flipped.npz").write_bytes(bytes(flipped))
+    for src, message in [("notes.npz", "not a readable .npz"), ("empty", "no config.json"),
+                         ("cut.npz", "not a readable .npz"), ("flipped.npz", "damaged"),
+                         ("nowhere", "does not exist")]:
+        result = run_cli(tmp_path / src, tmp_path / "out")
+        assert result.exit_code == 1, src
+        assert message in result.stderr, (src, result.stderr)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_needs_force(tmp_path, batch):
+    model = make_model("gemma")
+    npz = write_npz(model, tmp_path / "pt.npz")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    result = run_cli(npz, tmp_path / "out")
+    assert result.exit_code == 1 and "--force" in result.stderr
+    assert (tmp_path / "out" / "keep.txt").exists()
+    result = run_cli(npz, tmp_path / "out", "--force")
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "out" / "keep.txt").exists()
+    assert torch.equal(logits(load_model(tmp_path / "out"), batch), logits(model, batch))
+
+
+def test_disk_full_leaves_no_folder(tmp_path, monkeypatch):
+    from paligemma_cli.checkpoints import hf as checkpoint
+
+    npz = write_npz(make_model("gemma"), tmp_path / "pt.npz")
+    before = set(tmp_path.iterdir())
+
+    def full_disk(state, folder, max_shard_bytes=None):
+        (folder / "model.safetensors").write_bytes(b"half")  # a partial file, as a real failure leaves
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "write_safetensors", full_disk)
+    result = run_cli(npz, tmp_path / "out")
+    assert result.exit_code == 1
+    assert "no space left" in result.stderr
+    assert set(tmp_path.iterdir()) == before  # neither the folder nor a temporary sibling
+
+
+def test_recast_to_bf16_sharded(tmp_path, batch):
+    model = make_model("gemma2")
+    save_model(model, tmp_path / "fp32")
+    result = run_cli(tmp_path / "fp32", tmp_path / "bf16", "--dtype", "bf16", "--max-shard-size", "20KB")
+    assert result.exit_code == 0, result.output
+    index = json.loads((tmp_path / "bf16" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2
+    for shard in shards:
+        with safe_open(str(tmp_path / "bf16" / shard), framework="pt") as f:
+            assert all(f.get_slice(k).get_dtype() == "BF16" for k in f.keys())
+    recast = load_model(tmp_path / "bf16")
+    assert recast.dtype == torch.bfloat16
+    # Exactly the fp32 model cast in memory, and close to the fp32 logits.
+    assert torch.equal(logits(recast, batch), logits(model.to(torch.bfloat16), batch))
+    fp32 = logits(model.float(), batch)
+    assert (logits(recast, batch).float() - fp32).abs().max() < 0.1 * fp32.abs().max()
+
+
+def test_merge_lora(tmp_path, batch):
+    model = make_model("gemma")
+    save_model(model, tmp_path / "base")
+    apply_lora(model, r=4, alpha=8)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.2)
+    adapted = logits(model, batch)
+    run = tmp_path / "run"
+    run.mkdir()
+    save_file(lora_state_dict(model), str(run / "adapter_model.safetensors"))
+    shutil.copy(tmp_path / "base" / "config.json", run / "config.json")
+    config = {"base_model": str(tmp_path / "moved-away"), "r": 4, "alpha": 8,
+              "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+    (run / "adapter_config.json").write_text(json.dumps(config))
+
+    result = run_cli(run, tmp_path / "merged")
+    assert result.exit_code == 1 and "--merge-lora" in result.stderr
+    result = run_cli(run, tmp_path / "merged", "--merge-lora")
+    assert result.exit_code == 1 and "--base" in result.stderr
+    result = run_cli(run, tmp_path / "merged", "--merge-lora", "--base", tmp_path / "base")
+    assert result.exit_code == 0, result.output
+    shutil.rmtree(tmp_path / "merged")
+
+    config["base_model"] = str(tmp_path / "base")
+    (run / "adapter_config.json").write_text(json.dumps(config))
+    result = run_cli(run, tmp_path / "merged", "--merge-lora")
+    assert result.exit_code == 0, result.output
+    merged = load_model(tmp_path / "merged")
+    assert not any("lora" in k for k in merged.state_dict())
+    torch.testing.assert_close(logits(merged, batch), adapted, rtol=1e-5, atol=1e-5)
