@@ -35,17 +35,16 @@ import argparse
 import contextlib
 import json
 import sys
-import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 
+import speed  # noqa: E402  (bench/speed.py: checkpoints, loading, timing)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import speed  # noqa: E402  (bench/speed.py: checkpoints, loading, timing)
 from paligemma_cli.model import gemma, paligemma  # noqa: E402
 from paligemma_cli.model.kv_cache import KVCache  # noqa: E402
 

@@ -23,9 +23,8 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 
-import torch  # noqa: E402
-
 import speed  # noqa: E402
+import torch  # noqa: E402
 
 
 def main(argv=None) -> dict:

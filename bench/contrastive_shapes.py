@@ -27,12 +27,12 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from paligemma_cli.training.contrastive import run_contrastive_training  # noqa: E402
-from paligemma_cli.data.jsonl import read_jsonl  # noqa: E402
-from paligemma_cli.evaluation.retrieval import evaluate_retrieval, match_matrix  # noqa: E402
-from paligemma_cli.data.shapes import write_dataset  # noqa: E402
 from paligemma_cli.checkpoints.hf import load_dual_encoder  # noqa: E402
+from paligemma_cli.data.jsonl import read_jsonl  # noqa: E402
+from paligemma_cli.data.shapes import write_dataset  # noqa: E402
+from paligemma_cli.evaluation.retrieval import evaluate_retrieval, match_matrix  # noqa: E402
 from paligemma_cli.processing.siglip_tokenizer import SiglipTokenizer  # noqa: E402
+from paligemma_cli.training.contrastive import run_contrastive_training  # noqa: E402
 
 
 def main() -> None:

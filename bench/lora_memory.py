@@ -30,9 +30,9 @@ def main() -> None:
 
     import torch
 
+    from paligemma_cli.data.shapes import write_dataset
     from paligemma_cli.model.config import PaliGemmaConfig
     from paligemma_cli.model.paligemma import PaliGemma
-    from paligemma_cli.data.shapes import write_dataset
     from paligemma_cli.processing.tokenizer import PaliGemmaTokenizer
     from paligemma_cli.training.tokenizer_training import train_tokenizer
 

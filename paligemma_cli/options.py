@@ -20,9 +20,8 @@ QuantizeOpt = Annotated[str, typer.Option(
                        "`convert --quantize int8` is int8 whatever this says.")]
 CompileOpt = Annotated[bool, typer.Option(
     "--compile", help="Compile the decode step with torch.compile (one graph for every generated token). The "
-                      "first answer waits for the compiler (20-75 s the first time on a 2-core CPU, 5-10 s once "
-                      "inductor's disk cache holds the graphs); "
-                      "worth it for long runs such as captioning a folder.")]
+                      "first answer waits for the compiler (tens of seconds, less once inductor's disk cache "
+                      "holds the graphs); worth it for long runs such as captioning a folder.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts instead of text.")]
 MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens to generate.")]
 TemperatureOpt = Annotated[float, typer.Option("--temperature", min=0.0, help="0 is greedy; higher samples more freely.")]

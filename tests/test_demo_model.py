@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from paligemma_cli.data.jsonl import read_jsonl
+from paligemma_cli.data.shapes import write_dataset
 from paligemma_cli.evaluation.evaluate import evaluate
 from paligemma_cli.inference.generate import SamplingOptions
-from paligemma_cli.settings import resolve_model
 from paligemma_cli.inference.pipeline import Pipeline
-from paligemma_cli.data.shapes import write_dataset
+from paligemma_cli.settings import resolve_model
 
 DEMO = Path(__file__).resolve().parents[1] / "paligemma_cli" / "demo" / "model"
 # Measured on this fixed set (bf16, 2026-11-29 model): color 100, count 100, caption 90.0, detect 100,

@@ -81,8 +81,8 @@ def serve_fake_hub(repo_id: str, monkeypatch):
 
 
 def write_npz(path: Path) -> None:
-    from paligemma_cli.model.config import PaliGemmaConfig
     from paligemma_cli.checkpoints.big_vision import state_dict_to_npz
+    from paligemma_cli.model.config import PaliGemmaConfig
     from paligemma_cli.model.paligemma import PaliGemma
     from tests.fixtures.hf_reference import tiny_hf_config
 

@@ -27,10 +27,10 @@ from typing import Callable
 import numpy as np
 import torch
 
+from paligemma_cli.errors import PaliGemmaError
 from paligemma_cli.model.config import PaliGemmaConfig, TextConfig, VisionConfig
 from paligemma_cli.model.paligemma import PaliGemma
 from paligemma_cli.model.skeleton import empty_skeleton
-from paligemma_cli.errors import PaliGemmaError
 
 ENC = "img/Transformer/encoderblock/"
 MHA = ENC + "MultiHeadDotProductAttention_0/"

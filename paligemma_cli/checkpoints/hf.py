@@ -23,15 +23,21 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from paligemma_cli.checkpoints.atomic import staged_folder
-from paligemma_cli.checkpoints.safetensors_io import (SafetensorsReader, summarize_names, weight_files,
-                                                      write_safetensors)
+from paligemma_cli.checkpoints.safetensors_io import SafetensorsReader, summarize_names, weight_files, write_safetensors
 from paligemma_cli.errors import PaliGemmaError
 from paligemma_cli.model.config import PaliGemmaConfig, SiglipConfig
 from paligemma_cli.model.paligemma import PaliGemma
 from paligemma_cli.model.siglip import DualEncoder
 from paligemma_cli.model.skeleton import empty_skeleton
 from paligemma_cli.speed.packed_linear import is_packed
-from paligemma_cli.speed.quantize import METHOD, is_quantized, marker, parse_quantize, quantize_model, quantize_per_channel
+from paligemma_cli.speed.quantize import (
+    METHOD,
+    is_quantized,
+    marker,
+    parse_quantize,
+    quantize_model,
+    quantize_per_channel,
+)
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "preprocessor_config.json", "generation_config.json")

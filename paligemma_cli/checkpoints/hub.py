@@ -33,7 +33,6 @@ from paligemma_cli.checkpoints.locate import CHECKPOINT_PATTERNS, EXAMPLE_REPO
 from paligemma_cli.errors import PaliGemmaError
 
 
-
 class _NoProgress(hf_tqdm):
     """Progress bars forced off, for `progress=False`, without touching huggingface_hub's global switch."""
 

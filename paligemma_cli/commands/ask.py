@@ -7,8 +7,20 @@ from typing import Annotated, Optional
 
 import typer
 
-from paligemma_cli.options import (CompileOpt, DeviceOpt, DtypeOpt, JsonOpt, LangOpt, MaxTokensOpt, ModelOpt, QuantizeOpt,
-                                   SeedOpt, TemperatureOpt, TopKOpt, TopPOpt)
+from paligemma_cli.options import (
+    CompileOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    LangOpt,
+    MaxTokensOpt,
+    ModelOpt,
+    QuantizeOpt,
+    SeedOpt,
+    TemperatureOpt,
+    TopKOpt,
+    TopPOpt,
+)
 
 
 def ask(
@@ -40,9 +52,9 @@ def ask(
 
       paligemma ask photo.jpg "what is this?" --quantize int8
     """
+    from paligemma_cli.commands.common import load_pipeline, sampling_options, stderr_console, write_stdout
     from paligemma_cli.errors import PaliGemmaError
     from paligemma_cli.processing.image import load_image
-    from paligemma_cli.commands.common import load_pipeline, sampling_options, stderr_console, write_stdout
 
     if prompt is None:
         if not question:

@@ -50,9 +50,9 @@ def caption(
 
       paligemma caption img1.jpg img2.jpg --format txt
     """
+    from paligemma_cli.commands.common import FAST_LAYOUT_MIN_JOBS, load_pipeline, sampling_options, stderr_console
     from paligemma_cli.errors import PaliGemmaError
     from paligemma_cli.processing.image import load_image
-    from paligemma_cli.commands.common import FAST_LAYOUT_MIN_JOBS, load_pipeline, sampling_options, stderr_console
 
     console = stderr_console()
     images = find_images(paths, recursive)

@@ -16,8 +16,19 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
-from paligemma_cli.options import (CompileOpt, DeviceOpt, DtypeOpt, LangOpt, MaxTokensOpt, ModelOpt, QuantizeOpt,
-                                   SeedOpt, TemperatureOpt, TopKOpt, TopPOpt)
+from paligemma_cli.options import (
+    CompileOpt,
+    DeviceOpt,
+    DtypeOpt,
+    LangOpt,
+    MaxTokensOpt,
+    ModelOpt,
+    QuantizeOpt,
+    SeedOpt,
+    TemperatureOpt,
+    TopKOpt,
+    TopPOpt,
+)
 
 HELP = """\
 Type a question about the image and press Enter; it is sent as "answer LANG QUESTION".
@@ -68,10 +79,10 @@ def chat(
 
       paligemma chat examples/shapes.png < questions.txt > answers.txt
     """
-    from paligemma_cli.inference.chat_session import ChatSession
-    from paligemma_cli.errors import PaliGemmaError
-    from paligemma_cli.processing.image import load_image
     from paligemma_cli.commands.common import load_pipeline, sampling_options, stderr_console
+    from paligemma_cli.errors import PaliGemmaError
+    from paligemma_cli.inference.chat_session import ChatSession
+    from paligemma_cli.processing.image import load_image
 
     if image == "-":
         raise PaliGemmaError("chat reads questions from stdin, so the image must be a file, not -")
@@ -162,8 +173,8 @@ class Repl:
 
     def answer(self, prompt: str) -> None:
         """Stream one answer as exactly one stdout line (an empty one if it failed, to keep lines paired)."""
-        from paligemma_cli.errors import PaliGemmaError
         from paligemma_cli.commands.common import write_stdout
+        from paligemma_cli.errors import PaliGemmaError
 
         try:
             for piece in self.session.ask(prompt):

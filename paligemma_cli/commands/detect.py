@@ -31,11 +31,11 @@ def detect(
 
       paligemma detect street.jpg "car ; person" --out boxes.png --json
     """
-    from paligemma_cli.processing.drawing import draw_boxes
-    from paligemma_cli.processing.locations import parse_detections
-    from paligemma_cli.errors import PaliGemmaError
-    from paligemma_cli.processing.image import load_image
     from paligemma_cli.commands.common import load_pipeline, sampling_options, stderr_console
+    from paligemma_cli.errors import PaliGemmaError
+    from paligemma_cli.processing.drawing import draw_boxes
+    from paligemma_cli.processing.image import load_image
+    from paligemma_cli.processing.locations import parse_detections
 
     labels = [o.strip() for o in objects.split(";") if o.strip()]
     if not labels:

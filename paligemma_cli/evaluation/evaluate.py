@@ -24,14 +24,14 @@ from pathlib import Path
 
 from PIL import Image
 
-from paligemma_cli.evaluation.captions import cider_d, corpus_bleu, tokenize_caption
 from paligemma_cli.data.jsonl import Example
-from paligemma_cli.processing.locations import Box, parse_detections
-from paligemma_cli.evaluation.boxes import detection_scores, match_boxes
 from paligemma_cli.errors import PaliGemmaError
-from paligemma_cli.processing.image import load_image
+from paligemma_cli.evaluation.boxes import detection_scores, match_boxes
+from paligemma_cli.evaluation.captions import cider_d, corpus_bleu, tokenize_caption
 from paligemma_cli.evaluation.vqa import exact_match as vqa_exact_match
 from paligemma_cli.evaluation.vqa import vqa_accuracy
+from paligemma_cli.processing.image import load_image
+from paligemma_cli.processing.locations import Box, parse_detections
 
 VQA, CAPTION, DETECT, EXACT = "vqa", "caption", "detect", "exact"
 _KIND_OF_PROMPT = {"answer": VQA, "caption": CAPTION, "describe": CAPTION, "detect": DETECT}

@@ -25,8 +25,8 @@ from PIL import Image
 
 from paligemma_cli.errors import PaliGemmaError
 from paligemma_cli.inference.generate import SamplingOptions
-from paligemma_cli.model.kv_cache import KVCache
 from paligemma_cli.inference.pipeline import GenerationStats, Pipeline
+from paligemma_cli.model.kv_cache import KVCache
 
 # Room for the question when the cache is first allocated; a longer question grows the cache.
 PROMPT_BUDGET = 64

@@ -78,6 +78,10 @@ class VisionConfig:
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
+    def to_dict(self) -> dict:
+        """The keys `transformers`' `SiglipVisionConfig` reads."""
+        return {"model_type": "siglip_vision_model", **dataclasses.asdict(self)}
+
 
 @dataclass
 class TextConfig:
@@ -204,20 +208,8 @@ class PaliGemmaConfig(ConfigFile):
             "hidden_size": t.hidden_size,
             "projection_dim": t.hidden_size,
             "text_config": text,
-            "vision_config": {
-                "model_type": "siglip_vision_model",
-                "hidden_size": v.hidden_size,
-                "intermediate_size": v.intermediate_size,
-                "num_hidden_layers": v.num_hidden_layers,
-                "num_attention_heads": v.num_attention_heads,
-                "image_size": v.image_size,
-                "patch_size": v.patch_size,
-                "layer_norm_eps": v.layer_norm_eps,
-                "num_channels": v.num_channels,
-                "num_image_tokens": self.num_image_tokens,
-                "projection_dim": t.hidden_size,
-                "vision_use_head": False,
-            },
+            "vision_config": {**v.to_dict(), "num_image_tokens": self.num_image_tokens,
+                              "projection_dim": t.hidden_size, "vision_use_head": False},
         }
 
 
@@ -284,10 +276,6 @@ for _size in (224, 448, 896):
     PRESETS[f"paligemma2-3b-{_size}"] = lambda s=_size: _paligemma2(s, 2304, 26, 8, 4, 256, 9216, 256)
     PRESETS[f"paligemma2-10b-{_size}"] = lambda s=_size: _paligemma2(s, 3584, 42, 16, 8, 256, 14336, 256)
     PRESETS[f"paligemma2-28b-{_size}"] = lambda s=_size: _paligemma2(s, 4608, 46, 32, 16, 128, 36864, 144)
-
-
-def replace(cfg: PaliGemmaConfig, **changes) -> PaliGemmaConfig:
-    return dataclasses.replace(cfg, **changes)
 
 
 def _demo_64() -> PaliGemmaConfig:
@@ -404,19 +392,7 @@ class SiglipConfig(ConfigFile):
                 "eos_token_id": t.eos_token_id,
                 "bos_token_id": None,  # SigLIP adds none; HF's default (49406) is outside a 32k vocabulary
             },
-            "vision_config": {
-                "model_type": "siglip_vision_model",
-                "hidden_size": v.hidden_size,
-                "intermediate_size": v.intermediate_size,
-                "num_hidden_layers": v.num_hidden_layers,
-                "num_attention_heads": v.num_attention_heads,
-                "image_size": v.image_size,
-                "patch_size": v.patch_size,
-                "layer_norm_eps": v.layer_norm_eps,
-                "num_channels": v.num_channels,
-                "hidden_act": "gelu_pytorch_tanh",
-                "vision_use_head": True,
-            },
+            "vision_config": {**v.to_dict(), "hidden_act": "gelu_pytorch_tanh", "vision_use_head": True},
         }
 
 

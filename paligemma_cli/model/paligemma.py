@@ -12,11 +12,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from paligemma_cli.model.mask import prefix_lm_mask
-from paligemma_cli.model.config import PaliGemmaConfig
 from paligemma_cli.errors import PaliGemmaError
+from paligemma_cli.model.config import PaliGemmaConfig
 from paligemma_cli.model.gemma import GemmaDecoder
 from paligemma_cli.model.kv_cache import KVCache
+from paligemma_cli.model.mask import prefix_lm_mask
 from paligemma_cli.model.siglip import SiglipVisionTower
 
 

@@ -2,8 +2,8 @@
 
 The loaders build the model first and fill it from a checkpoint, so the random init is wasted work;
 on the `meta` device it is also slow to start: the first `normal_` there has no C++ kernel and imports
-torch's Python decompositions (about 2 s of a fresh process, measured on PaliGemma's `nn.Embedding`s
-with torch 2.13). `transformers` skips its init the same way when loading.
+torch's Python decompositions, seconds of a fresh process (docs/speed.md). `transformers` skips its init
+the same way when loading.
 """
 
 from __future__ import annotations

@@ -17,7 +17,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-
 NUM_BINS = 1024
 _MAX_BIN = NUM_BINS - 1
 

@@ -3,7 +3,7 @@
 Weights loaded in place from a `.safetensors` file are pages of the file's mapping: once read they
 count in the process's memory for as long as the mapping lives, i.e. while any tensor of that file is
 in use. A weight that is replaced by a converted copy (e.g. `PackedLinear`'s) would then be counted
-twice: 9.8 GB instead of 6.1 GB for PaliGemma 3B in bf16. `madvise(MADV_DONTNEED)` drops the pages from
+twice (docs/speed.md). `madvise(MADV_DONTNEED)` drops the pages from
 this process; the data stays in the file (and the page cache), so a later read of the range, if any,
 faults the same bytes back in. Only ranges inside a file mapping are touched: on anonymous memory the
 call would zero the data. Linux only; elsewhere a no-op.

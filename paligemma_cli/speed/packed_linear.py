@@ -1,13 +1,12 @@
 """An inference-only `nn.Linear` whose bfloat16 weight sits in oneDNN's blocked layout on the CPU.
 
 Decoding reads every weight once per token, so its speed is the matrix-vector product's streaming
-rate. PyTorch's stock bf16 `F.linear` on a row-major weight streams at ~16 GB/s on this project's
-2-core AMD EPYC (Zen 4), the oneDNN kernel on a pre-packed weight at ~21 GB/s; prefill shapes gain
-5-13 %. Both accumulate in float32 and give bit-identical outputs (measured on PaliGemma 3B's shapes).
+rate, and oneDNN's kernel streams a pre-packed weight faster than PyTorch's stock bf16 `F.linear` reads a
+row-major one (docs/speed.md). Both accumulate in float32 and give bit-identical outputs.
 This is the layout `torch.compile` (inductor, with freezing) gives bf16 linears on the CPU.
 
 The packed tensor has the weight's size but not its meaning element by element, so a packed model
-cannot be trained or saved: `PaliGemma.use_fast_cpu_layout` packs, and only inference paths call it.
+cannot be trained or saved: `cpu_layout.use_fast_cpu_layout` packs, and only inference paths call it.
 """
 
 from __future__ import annotations

@@ -79,8 +79,7 @@ def quantize_per_channel(w: torch.Tensor, scales_dtype: torch.dtype | None = Non
 
 
 # From this many rows on (a prompt's prefill, not decoding), converting the weight to bf16 and calling the
-# bf16 matmul beats the int8 kernel, whose cost grows with the rows: PaliGemma 3B's MLP shapes, 2 threads,
-# AMD EPYC: 64 rows 1.0x, 262 rows 2.0-2.7x, 2096 rows (8 prompts) 2.3-3.2x faster; 32 rows 0.5-0.7x.
+# bf16 matmul beats the int8 kernel, whose cost grows with the rows (docs/speed.md).
 INT8_DEQUANTIZE_FROM_ROWS = 64
 
 
@@ -92,18 +91,17 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
     x 2-D with a contiguous last dim, scales 1-D (N,) in x's dtype, weight contiguous, K a multiple of 16
     (otherwise it crashes or silently drops the tail of K), the weight 16-byte aligned and x 32-byte
     aligned (otherwise it crashes). Fresh tensors are 64-byte aligned; `load_model` realigns int8 weights
-    read from a file. Its float32 and float16 CPU kernels are many times slower than a float matmul
-    (measured: 4096x1024, 64 rows: 400 ms against 7 ms), and its CUDA kernel is, in torch's sources, a
-    float32-only loop; so every other case converts the weight to x's dtype and calls the ordinary matmul
-    (on CPU in float32 that saves memory but decodes ~3x slower than float32 weights). So does a bf16
+    read from a file. Its float32 and float16 CPU kernels are many times slower than a float matmul, and
+    its CUDA kernel is, in torch's sources, a float32-only loop; so every other case converts the weight
+    to x's dtype and calls the ordinary matmul (on CPU in float32 that saves memory but decodes slower
+    than float32 weights). So does a bf16
     prefill of `INT8_DEQUANTIZE_FROM_ROWS` rows or more, where the bf16 matmul is the faster of the two.
     """
     out_features, in_features = weight.shape
     rows = x.numel() // in_features
     # Inside `torch.compile` the pointer checks would break the graph; inductor's buffers are 64-byte
     # aligned and rows of K % 16 == 0 bf16 values keep 32-byte alignment. (The dequantize-then-matmul
-    # fallback below would be worse there: inductor materialises a bf16 copy of every weight per step,
-    # measured 3.8x slower decoding on PaliGemma 3B.)
+    # fallback below would be worse there: inductor materialises a bf16 copy of every weight per step.)
     compiling = torch.compiler.is_compiling()
     if (x.device.type == "cpu" and x.dtype == torch.bfloat16 and in_features % 16 == 0
             and (compiling or (rows < INT8_DEQUANTIZE_FROM_ROWS and weight.is_contiguous()

@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-
 # Initial values of the learned temperature (log-scale) and bias, from the two papers.
 CLIP_INIT_LOGIT_SCALE = math.log(1 / 0.07)
 CLIP_MAX_SCALE = 100.0  # CLIP caps exp(logit_scale) so training cannot sharpen the softmax without bound

@@ -18,18 +18,22 @@ import torch
 import torch.nn.functional as F
 
 from paligemma_cli.checkpoints.atomic import atomic_save_tensors, atomic_write_text
-from paligemma_cli.checkpoints.hf import (load_model, load_vision_tower_state, save_state_dict_folder,
-                                          stored_quantization)
+from paligemma_cli.checkpoints.hf import (
+    load_model,
+    load_vision_tower_state,
+    save_state_dict_folder,
+    stored_quantization,
+)
 from paligemma_cli.data.jsonl import read_jsonl
 from paligemma_cli.errors import PaliGemmaError
 from paligemma_cli.model.config import PaliGemmaConfig
 from paligemma_cli.model.gemma import RMSNorm
+from paligemma_cli.model.lora import DECODER_LINEARS, apply_lora, lora_state_dict, merged_state_dict
 from paligemma_cli.model.paligemma import PaliGemma
 from paligemma_cli.model.siglip import init_siglip_weights
 from paligemma_cli.processing.processor import PaliGemmaProcessor
 from paligemma_cli.processing.tokenizer import PaliGemmaTokenizer
 from paligemma_cli.training.common import BatchOrder, RunSettings, TrainerBase, adamw, usable_examples
-from paligemma_cli.model.lora import DECODER_LINEARS, apply_lora, lora_state_dict, merged_state_dict
 from paligemma_cli.training.tokenizer_training import train_tokenizer
 
 TRAINABLE = ("all", "decoder", "attention", "lora")

@@ -15,10 +15,10 @@ as they are, digits split.
 from __future__ import annotations
 
 import io
-import sys
 import os
 import re
 import struct
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 

@@ -16,13 +16,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+from paligemma_cli.checkpoints.big_vision import infer_config, state_dict_to_npz
+from paligemma_cli.checkpoints.hf import load_model, save_model
 from paligemma_cli.cli import friendly_errors
 from paligemma_cli.commands.convert import convert
-from paligemma_cli.checkpoints.hf import load_model, save_model
 from paligemma_cli.model.config import PaliGemmaConfig
-from paligemma_cli.model.paligemma import PaliGemma
 from paligemma_cli.model.lora import apply_lora, lora_state_dict
-from paligemma_cli.checkpoints.big_vision import infer_config, state_dict_to_npz
+from paligemma_cli.model.paligemma import PaliGemma
 from tests.fixtures.hf_reference import IMAGE_TOKEN, hf_position_ids, make_inputs, randomize_, tiny_hf_config
 
 GEMMA2_FLAGS = ["--attn-logit-softcap", "1.5", "--final-logit-softcap", "2.5", "--query-pre-attn-scalar", "20",

@@ -7,12 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from paligemma_cli.checkpoints.hf import load_model, save_model
-from paligemma_cli.model.config import PaliGemmaConfig
-from paligemma_cli.model.paligemma import PaliGemma
-from paligemma_cli.checkpoints.hf import canonical_key, hub_key
-from paligemma_cli.model.config import PRESETS
+from paligemma_cli.checkpoints.hf import canonical_key, hub_key, load_model, save_model
 from paligemma_cli.errors import PaliGemmaError
+from paligemma_cli.model.config import PRESETS, PaliGemmaConfig
+from paligemma_cli.model.paligemma import PaliGemma
 from tests.fixtures.hf_reference import make_inputs
 
 

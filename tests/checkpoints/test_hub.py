@@ -28,9 +28,9 @@ import typer
 from huggingface_hub import constants
 from typer.testing import CliRunner
 
+from paligemma_cli import settings as model_source
 from paligemma_cli.cli import friendly_errors
 from paligemma_cli.commands.download import download
-from paligemma_cli import settings as model_source
 from paligemma_cli.errors import PaliGemmaError
 from paligemma_cli.settings import default_model_source, resolve_model
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from paligemma_cli.checkpoints.hf import save_model
 from paligemma_cli.model.config import PaliGemmaConfig, TextConfig, VisionConfig
 from paligemma_cli.model.paligemma import PaliGemma
-from paligemma_cli.checkpoints.hf import save_model
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 

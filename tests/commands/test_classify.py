@@ -18,12 +18,12 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
+from paligemma_cli.checkpoints.hf import load_dual_encoder, save_dual_encoder
 from paligemma_cli.cli import friendly_errors
 from paligemma_cli.commands.classify import classify
-from paligemma_cli.processing.image import load_image, preprocess
 from paligemma_cli.model.config import SiglipConfig
 from paligemma_cli.model.siglip import DualEncoder
-from paligemma_cli.checkpoints.hf import load_dual_encoder, save_dual_encoder
+from paligemma_cli.processing.image import load_image, preprocess
 from paligemma_cli.processing.siglip_tokenizer import SiglipTokenizer
 from paligemma_cli.training.tokenizer_training import train_siglip_tokenizer
 from tests.fixtures.checkpoints import make_tiny_checkpoint

@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 from paligemma_cli.cli import friendly_errors
 from paligemma_cli.commands.demo_data import demo_data
 from paligemma_cli.data.jsonl import Example, read_jsonl
-from paligemma_cli.errors import PaliGemmaError
 from paligemma_cli.data.shapes import write_dataset
+from paligemma_cli.errors import PaliGemmaError
 
 
 def test_reads_what_write_dataset_wrote(tmp_path):

@@ -9,18 +9,18 @@ import pytest
 from PIL import Image, ImageDraw
 
 from paligemma_cli.data import shapes
-from paligemma_cli.processing.locations import Box, format_detections, parse_detections
 from paligemma_cli.data.shapes import (
     BACKGROUND,
     COLORS,
     SHAPES,
     make_example,
     make_scene,
-    reordered_captions,
     render,
+    reordered_captions,
     scene_examples,
     write_dataset,
 )
+from paligemma_cli.processing.locations import Box, format_detections, parse_detections
 
 EXAMPLE_IMAGE = Path(__file__).parents[2] / "examples" / "shapes.png"
 EXAMPLE_SEED, EXAMPLE_INDEX = 9, 0  # the scene behind examples/shapes.png

@@ -8,10 +8,10 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from paligemma_cli.evaluation.captions import cider_d, corpus_bleu
 from paligemma_cli.data.jsonl import Example
-from paligemma_cli.evaluation.evaluate import score, score_example, select_examples, task_kind, task_name
 from paligemma_cli.errors import PaliGemmaError
+from paligemma_cli.evaluation.captions import cider_d, corpus_bleu
+from paligemma_cli.evaluation.evaluate import score, score_example, select_examples, task_kind, task_name
 from paligemma_cli.inference.pipeline import Pipeline
 from tests.fixtures.checkpoints import make_tiny_checkpoint
 

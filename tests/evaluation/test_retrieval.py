@@ -7,11 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from paligemma_cli.data.jsonl import Example
 from paligemma_cli.commands.eval import format_retrieval
-from paligemma_cli.data.jsonl import caption_examples
-from paligemma_cli.evaluation.retrieval import (evaluate_retrieval, match_matrix,
-                                          recall_at_k, retrieval_recall)
+from paligemma_cli.data.jsonl import Example, caption_examples
+from paligemma_cli.evaluation.retrieval import evaluate_retrieval, match_matrix, recall_at_k, retrieval_recall
 
 
 def test_recall_by_hand():

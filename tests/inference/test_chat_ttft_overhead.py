@@ -11,12 +11,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from paligemma_cli.inference.chat_session import ChatSession
+from paligemma_cli.inference.generate import SamplingOptions
+from paligemma_cli.inference.pipeline import Pipeline
 from paligemma_cli.model.config import PaliGemmaConfig
 from paligemma_cli.model.gemma import RopeTable, rope_cos_sin
-from paligemma_cli.inference.generate import SamplingOptions
 from paligemma_cli.model.kv_cache import KVCache
 from paligemma_cli.model.paligemma import PaliGemma
-from paligemma_cli.inference.pipeline import Pipeline
 from paligemma_cli.speed.cpu_layout import use_fast_cpu_layout
 from tests.fixtures.checkpoints import make_tiny_checkpoint, write_images
 

@@ -13,11 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from paligemma_cli.errors import PaliGemmaError
-from paligemma_cli.model.siglip import SiglipVisionTower
-from paligemma_cli.model.config import SiglipConfig
-from paligemma_cli.model.siglip import DualEncoder
 from paligemma_cli.checkpoints.hf import load_dual_encoder, save_dual_encoder
+from paligemma_cli.errors import PaliGemmaError
+from paligemma_cli.model.config import SiglipConfig
+from paligemma_cli.model.siglip import DualEncoder, SiglipVisionTower
 from tests.fixtures.hf_reference import randomize_
 
 VOCAB, MAX_LEN, PAD, EOS = 50, 13, 1, 1

@@ -5,10 +5,9 @@ import random
 import pytest
 from PIL import Image
 
-from paligemma_cli.evaluation.boxes import box_iou
+from paligemma_cli.evaluation.boxes import box_iou, detection_scores, match_boxes
 from paligemma_cli.processing.drawing import draw_boxes
 from paligemma_cli.processing.locations import Box, format_detections, parse_detections
-from paligemma_cli.evaluation.boxes import detection_scores, match_boxes
 
 
 def test_parse_decodes_bins_against_1023():

@@ -7,8 +7,8 @@ from PIL import Image
 from paligemma_cli.errors import PaliGemmaError
 from paligemma_cli.processing.processor import IGNORE_INDEX, PaliGemmaProcessor
 from paligemma_cli.processing.tokenizer import PaliGemmaTokenizer
-from tests.processing.test_image import random_image
 from tests.fixtures.tokenizer import make_tiny_tokenizer
+from tests.processing.test_image import random_image
 
 # transformers 5.24 itself trips a numpy 2 DeprecationWarning when it builds labels.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

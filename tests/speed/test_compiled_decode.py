@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 
 from paligemma_cli.cli import app
 from paligemma_cli.model.config import PaliGemmaConfig, TextConfig, VisionConfig
-from paligemma_cli.speed.packed_linear import can_pack
 from paligemma_cli.model.paligemma import PaliGemma
 from paligemma_cli.speed.compiled_decode import COMPILED_CACHE_STEP, CompiledDecoder
 from paligemma_cli.speed.cpu_layout import use_fast_cpu_layout
+from paligemma_cli.speed.packed_linear import can_pack
 
 IMAGE_TOKEN = 250
 

@@ -9,14 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from paligemma_cli.model.skeleton import empty_skeleton
-from paligemma_cli.errors import PaliGemmaError
-from paligemma_cli.settings import DEMO_MODEL
-from paligemma_cli.speed.packed_linear import PackedLinear, can_pack, is_packed
-from paligemma_cli.model.paligemma import PaliGemma
-from paligemma_cli.inference.pipeline import Pipeline
 from paligemma_cli.checkpoints.hf import save_model
+from paligemma_cli.errors import PaliGemmaError
+from paligemma_cli.inference.pipeline import Pipeline
+from paligemma_cli.model.paligemma import PaliGemma
+from paligemma_cli.model.skeleton import empty_skeleton
+from paligemma_cli.settings import DEMO_MODEL
 from paligemma_cli.speed.cpu_layout import use_fast_cpu_layout
+from paligemma_cli.speed.packed_linear import PackedLinear, can_pack, is_packed
 from tests.speed.test_compiled_decode import IMAGE_TOKEN, tiny
 
 needs_onednn_bf16 = pytest.mark.skipif(not can_pack(torch.zeros(1, dtype=torch.bfloat16)),

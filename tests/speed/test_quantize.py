@@ -9,13 +9,20 @@ from PIL import Image
 from torch import nn
 from typer.testing import CliRunner
 
-from paligemma_cli.cli import app
 from paligemma_cli.checkpoints.hf import load_model, weight_files
+from paligemma_cli.cli import app
 from paligemma_cli.errors import PaliGemmaError
 from paligemma_cli.inference.generate import SamplingOptions
 from paligemma_cli.inference.pipeline import Pipeline
-from paligemma_cli.speed.quantize import (INT8_DEQUANTIZE_FROM_ROWS, QuantizedEmbedding, QuantizedLinear, int8_linear,
-                                         is_quantized, quantize_model, quantize_per_channel)
+from paligemma_cli.speed.quantize import (
+    INT8_DEQUANTIZE_FROM_ROWS,
+    QuantizedEmbedding,
+    QuantizedLinear,
+    int8_linear,
+    is_quantized,
+    quantize_model,
+    quantize_per_channel,
+)
 from tests.fixtures.checkpoints import make_tiny_checkpoint, write_images
 
 runner = CliRunner()
@@ -212,8 +219,8 @@ def test_greedy_generation_mostly_agrees_with_the_float_model(tmp_path, dtype):
     about as often as bf16 agrees with fp32 there.
     """
     from paligemma_cli.data.jsonl import read_jsonl
-    from paligemma_cli.settings import resolve_model
     from paligemma_cli.data.shapes import write_dataset
+    from paligemma_cli.settings import resolve_model
 
     examples = read_jsonl(write_dataset(tmp_path, n=10, seed=2024))
     pictures, prompts = [Image.open(e.image) for e in examples], [e.prefix for e in examples]

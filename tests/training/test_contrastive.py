@@ -14,15 +14,18 @@ import torch
 from safetensors.torch import load_file
 
 from paligemma_cli.checkpoints.hf import load_dual_encoder, load_vision_tower_state
-from paligemma_cli.model.config import PaliGemmaConfig
-from paligemma_cli.training.contrastive import (ContrastiveTrainConfig, ContrastiveTrainer, contrastive_loss,
-                                                     run_contrastive_training)
-from paligemma_cli.errors import PaliGemmaError
-from paligemma_cli.model.paligemma import PaliGemma
 from paligemma_cli.commands.eval import retrieval_eval
 from paligemma_cli.data.shapes import write_dataset
-from paligemma_cli.model.siglip import DualEncoder
+from paligemma_cli.errors import PaliGemmaError
+from paligemma_cli.model.config import PaliGemmaConfig
+from paligemma_cli.model.paligemma import PaliGemma
 from paligemma_cli.processing.siglip_tokenizer import SiglipTokenizer
+from paligemma_cli.training.contrastive import (
+    ContrastiveTrainConfig,
+    ContrastiveTrainer,
+    contrastive_loss,
+    run_contrastive_training,
+)
 
 
 class Crash(Exception):

@@ -19,10 +19,10 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from paligemma_cli.cli import app
 from paligemma_cli.checkpoints.hf import load_model, save_model
-from paligemma_cli.errors import PaliGemmaError
+from paligemma_cli.cli import app
 from paligemma_cli.data.shapes import write_dataset
+from paligemma_cli.errors import PaliGemmaError
 from paligemma_cli.training.common import lr_at
 from paligemma_cli.training.paligemma import TrainConfig, Trainer, suffix_loss
 from tests.fixtures.tokenizer import make_tiny_tokenizer
