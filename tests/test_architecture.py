@@ -14,25 +14,26 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "paligemma_cli"
 
 # What each part may import from the package (besides itself). Lower layers never import higher ones:
-# errors, device < model < speed < checkpoints < processing, data < inference < evaluation, training <
-# settings, commands, cli.
+# errors, outputs, device < model, processing < speed < checkpoints < data < inference < evaluation,
+# training < settings, commands, cli.
 ALLOWED = {
     "errors": set(),
+    "outputs": {"errors"},  # where outputs may go; like errors, every part may use it
     "device": {"errors"},
     "model": {"errors"},
     "speed": {"errors", "model"},
-    "checkpoints": {"errors", "device", "model", "speed"},
     "processing": {"errors"},
-    "data": {"errors", "processing"},
-    "inference": {"errors", "device", "model", "speed", "checkpoints", "processing"},
-    "evaluation": {"errors", "data", "processing", "inference"},
-    "training": {"errors", "model", "checkpoints", "processing", "data"},
+    "checkpoints": {"errors", "outputs", "device", "model", "speed", "processing"},
+    "data": {"errors", "outputs", "processing"},
+    "inference": {"errors", "outputs", "device", "model", "speed", "checkpoints", "processing"},
+    "evaluation": {"errors", "outputs", "data", "processing", "inference"},
+    "training": {"errors", "outputs", "model", "checkpoints", "processing", "data"},
     "settings": {"errors", "checkpoints"},
     "core": {"model"},  # the deprecated alias of the old layout
     "options": set(),
-    "commands": {"errors", "device", "model", "speed", "checkpoints", "processing", "data", "inference",
-                 "evaluation", "training", "settings", "options", "cli"},
-    "cli": {"errors", "__init__"},  # __version__
+    "commands": {"errors", "outputs", "device", "model", "speed", "checkpoints", "processing", "data",
+                 "inference", "evaluation", "training", "settings", "options", "cli"},
+    "cli": {"errors", "outputs", "__init__"},  # __version__
     "__init__": {"checkpoints", "inference", "model"},
     "__main__": {"cli"},
 }

@@ -80,7 +80,8 @@ def serve_fake_hub(repo_id: str, monkeypatch):
     return server
 
 
-def write_npz(path: Path) -> None:
+def write_npz(path: Path, vocabulary: int) -> None:
+    """A tiny random big_vision checkpoint whose vocabulary (and so <image> id) is `vocabulary`."""
     from paligemma_cli.checkpoints.big_vision import state_dict_to_npz
     from paligemma_cli.model.config import PaliGemmaConfig
     from paligemma_cli.model.paligemma import PaliGemma
@@ -88,10 +89,14 @@ def write_npz(path: Path) -> None:
 
     model = PaliGemma(PaliGemmaConfig.from_dict(tiny_hf_config("gemma").to_dict()))
     with np.errstate(all="ignore"):
-        np.savez(path, **state_dict_to_npz(model))
+        arrays = state_dict_to_npz(model)
+    key = "params/llm/embedder/input_embedding"
+    arrays[key] = np.zeros((vocabulary, arrays[key].shape[1]), arrays[key].dtype)
+    np.savez(path, **arrays)
 
 
 def test_readme_commands_run(scratch, monkeypatch):
+    from paligemma_cli.processing.tokenizer import PaliGemmaTokenizer
     from tests.fixtures.tokenizer import make_tiny_tokenizer
 
     commands = readme_commands()
@@ -106,10 +111,10 @@ def test_readme_commands_run(scratch, monkeypatch):
         if argv[0] == "download":
             servers.append(serve_fake_hub(argv[1], monkeypatch))
         if argv[0] == "convert" and argv[1].endswith(".npz"):
-            write_npz(scratch / argv[1])
+            tok_file = make_tiny_tokenizer(scratch / "tok")
+            write_npz(scratch / argv[1], PaliGemmaTokenizer.from_file(tok_file).image_token_id)
             if "--tokenizer" in argv:
-                tok = scratch / argv[argv.index("--tokenizer") + 1]
-                shutil.move(make_tiny_tokenizer(scratch / "tok"), tok)
+                shutil.move(tok_file, scratch / argv[argv.index("--tokenizer") + 1])
         if argv[0] == "chat":
             stdin = "what color is the circle?\nhow many shapes are there?\n"
         result = CliRunner().invoke(app, argv, input=stdin)

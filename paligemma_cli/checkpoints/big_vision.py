@@ -36,8 +36,12 @@ ENC = "img/Transformer/encoderblock/"
 MHA = ENC + "MultiHeadDotProductAttention_0/"
 LLM = "llm/layers/"
 
-# What a published Gemma 2 decoder uses where the shapes say nothing (transformers' Gemma2Config defaults).
-GEMMA2_DEFAULTS = dict(attn_logit_softcap=50.0, final_logit_softcap=30.0, sliding_window=4096)
+# What big_vision's PaliGemma 2 runs with where the shapes say nothing: its Gemma 2 has an attention soft-cap
+# of 50 and no sliding window, and PaliGemma's transfer configs turn the final-logit soft-cap off (0). The
+# Hugging Face configs of the same models say final soft-cap 30 and a 4096 window (transformers' Gemma2Config
+# defaults); past 4096 tokens (896 px: 4096 image tokens + the prompt) the window changes the answer. The
+# flags `--final-logit-softcap 30 --sliding-window 4096` give the Hugging Face behaviour.
+GEMMA2_DEFAULTS = dict(attn_logit_softcap=50.0, final_logit_softcap=0.0, sliding_window=0)
 # Gemma 2 scales queries by head_dim**-0.5, except the 27B decoder (PaliGemma 2 28B, hidden 4608),
 # which was trained with (hidden / heads)**-0.5 = 144**-0.5.
 _QUERY_SCALAR_BY_HIDDEN = {4608: 144}

@@ -14,7 +14,6 @@ it: a conversion that fails half-way (disk full, Ctrl-C) never leaves a folder t
 
 from __future__ import annotations
 
-import errno
 import json
 import re
 import shutil
@@ -31,6 +30,8 @@ from paligemma_cli.checkpoints.hf import check_folder, load_model, save_model
 from paligemma_cli.device import DTYPES
 from paligemma_cli.errors import PaliGemmaError
 from paligemma_cli.model.lora import apply_lora, lora_state_dict, merge_lora
+from paligemma_cli.outputs import check_output_folder, why
+from paligemma_cli.processing.tokenizer import load_sentencepiece
 from paligemma_cli.speed.quantize import is_quantized, parse_quantize, quantize_model
 
 Progress = Callable[[str], None] | None
@@ -70,10 +71,13 @@ def convert_npz(src: str | Path, dst: str | Path, dtype: torch.dtype | None = No
                 progress: Progress = None, quantize: str | None = None, **overrides) -> Path:
     """big_vision `.npz` -> checkpoint folder. `tokenizer`: a SentencePiece file, or a folder holding
     `tokenizer.model`; the npz carries none. `overrides`: see `npz_convert.infer_config`."""
-    dst = _check_dst(dst, force)
     tokenizer_file = _tokenizer_file(tokenizer)
+    dst = check_output_folder(dst, [src] + ([tokenizer_file] if tokenizer_file else []), force)
     _say(progress, f"reading {src}")
     model = load_npz(src, dtype=dtype, progress=progress, **overrides)
+    _say(progress, describe_decoder(model.config.text))
+    if tokenizer_file is not None:
+        _check_tokenizer_fits(tokenizer_file, model.config.image_token_id)
     model = _maybe_quantize(model, quantize, progress)
     if tokenizer_file is None:
         _say(progress, "warning: no --tokenizer given; copy the checkpoint's SentencePiece file into the folder "
@@ -95,7 +99,7 @@ def recast_folder(src: str | Path, dst: str | Path, dtype: torch.dtype | None, m
     Quantizing happens while the weights are read, tensor by tensor from the memory-mapped file: the
     float model is never held whole (see `load_model`)."""
     src = check_folder(src)
-    dst = _check_dst(dst, force)
+    dst = check_output_folder(dst, [src], force)
     _say(progress, f"reading {src}" + (" and quantizing its decoder to int8" if quantize else ""))
     model = load_model(src, dtype=dtype, quantize=quantize)
     return _save(model, dst, progress, tokenizer_dir=src, max_shard_bytes=max_shard_bytes)
@@ -123,7 +127,7 @@ def merge_lora_folder(adapter_folder: str | Path, dst: str | Path, base: str | P
     if not base or not Path(base).expanduser().is_dir():
         raise PaliGemmaError(f"the adapter's base model {str(base)!r} is not a folder here; pass --base FOLDER")
     base = check_folder(base)
-    dst = _check_dst(dst, force)
+    dst = check_output_folder(dst, [adapter_folder, base], force)
 
     _say(progress, f"reading base model {base}")
     model = load_model(base)
@@ -196,13 +200,21 @@ def _maybe_quantize(model, quantize: str | None, progress: Progress):
     return quantize_model(model)
 
 
-def _check_dst(dst: str | Path, force: bool) -> Path:
-    dst = Path(dst).expanduser()
-    if dst.exists() and not force:
-        raise PaliGemmaError(f"'{dst}' already exists; choose another folder or pass --force to replace it")
-    if dst.exists() and not dst.is_dir():
-        raise PaliGemmaError(f"'{dst}' is a file; the output is a folder")
-    return dst
+def describe_decoder(t) -> str:
+    """The settings a converted Gemma 2 decoder runs with, for the user to see (big_vision's unless given)."""
+    if not t.is_gemma2:
+        return "decoder: Gemma 1"
+    return (f"decoder: Gemma 2, attention soft-cap {t.attn_logit_softcapping or 'off'}, final soft-cap "
+            f"{t.final_logit_softcapping or 'off'}, sliding window {t.sliding_window or 'off'}, "
+            f"query scale {t.query_pre_attn_scalar}^-1/2")
+
+
+def _check_tokenizer_fits(path: Path, image_token_id: int) -> None:
+    """The tokenizer must be a SentencePiece model whose `<image>` id (its piece count) is the checkpoint's."""
+    pieces = load_sentencepiece(path).get_piece_size()
+    if pieces != image_token_id:
+        raise PaliGemmaError(f"tokenizer '{path}' has {pieces} pieces, so its <image> would be id {pieces}, but "
+                             f"the checkpoint's is {image_token_id}: it is not this model's tokenizer")
 
 
 def _tokenizer_file(tokenizer: str | Path | None) -> Path | None:
@@ -213,6 +225,7 @@ def _tokenizer_file(tokenizer: str | Path | None) -> Path | None:
         path = path / "tokenizer.model"
     if not path.is_file():
         raise PaliGemmaError(f"tokenizer '{path}' does not exist; pass the SentencePiece .model file")
+    load_sentencepiece(path)  # a one-line error now, not a folder that fails to load later
     return path
 
 
@@ -227,6 +240,5 @@ def _save(model, dst: Path, progress: Progress, **kwargs) -> Path:
         return save_model(model, dst, **kwargs)
     except OSError as e:
         # save_model has already removed its temporary folder; say so, since that is what the user asks next.
-        why = "no space left on the device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-        raise PaliGemmaError(f"could not write '{dst}': {why} (needs about {size / 1e9:.2f} GB); "
+        raise PaliGemmaError(f"could not write '{dst}': {why(e)} (needs about {size / 1e9:.2f} GB); "
                              "nothing was written") from None

@@ -29,6 +29,7 @@ from paligemma_cli.model.config import PaliGemmaConfig, SiglipConfig
 from paligemma_cli.model.paligemma import PaliGemma
 from paligemma_cli.model.siglip import DualEncoder
 from paligemma_cli.model.skeleton import empty_skeleton
+from paligemma_cli.outputs import mark_folder
 from paligemma_cli.speed.packed_linear import is_packed
 from paligemma_cli.speed.quantize import (
     METHOD,
@@ -214,6 +215,7 @@ def save_model(model: PaliGemma, folder: str | Path, tokenizer_dir: str | Path |
     with staged_folder(folder) as tmp:
         _write_checkpoint_files(model.config, model.state_dict(), tmp, tokenizer_dir, extra_files, max_shard_bytes,
                                 quantization=quantization)
+        mark_folder(tmp, "checkpoint")  # so that `convert --force` may replace it later
     return folder
 
 
@@ -311,4 +313,5 @@ def save_dual_encoder(model: DualEncoder, folder: str | Path) -> Path:
     with staged_folder(folder) as tmp:
         model.config.save(tmp)
         write_safetensors({k: v.detach().contiguous() for k, v in model.state_dict().items()}, tmp)
+        mark_folder(tmp, "checkpoint")
     return folder

@@ -55,13 +55,15 @@ def ask(
     from paligemma_cli.commands.common import load_pipeline, sampling_options, stderr_console, write_stdout
     from paligemma_cli.errors import PaliGemmaError
     from paligemma_cli.processing.image import load_image
+    from paligemma_cli.processing.text import check_text
 
     if prompt is None:
         if not question:
             raise PaliGemmaError("give a QUESTION, or a raw prefix with --prompt")
-        prompt = f"answer {lang} {question}"
+        prompt = f"answer {lang} {check_text(question, 'the question')}"
     elif question:
         raise PaliGemmaError("give either a QUESTION or --prompt, not both")
+    check_text(prompt, "--prompt")
     opts = sampling_options(max_tokens, temperature, top_k, top_p, seed)
     picture = load_image(image)  # fail on a bad image before paying for the model
     console = stderr_console()

@@ -6,6 +6,7 @@ import csv
 import glob
 import io
 import json
+import os
 import sys
 import time
 from enum import Enum
@@ -52,27 +53,35 @@ def caption(
     """
     from paligemma_cli.commands.common import FAST_LAYOUT_MIN_JOBS, load_pipeline, sampling_options, stderr_console
     from paligemma_cli.errors import PaliGemmaError
+    from paligemma_cli.outputs import check_output_file, open_output
     from paligemma_cli.processing.image import load_image
+    from paligemma_cli.processing.text import check_text
 
     console = stderr_console()
+    check_text(prompt, "--prompt")
     images = find_images(paths, recursive)
     if not images:
         raise PaliGemmaError(f"no images found in {', '.join(paths)}" + ("" if recursive else " (try --recursive)"))
     if resume and out is None:
         raise PaliGemmaError("--resume needs --out: the file to continue")
-    done = already_done(out, fmt) if resume and out is not None and out.exists() else set()
-    todo = [p for p in images if p not in done]
+    if out is not None:
+        out = check_output_file(out, images)
+    continuing = resume and out is not None and out.exists() and out.stat().st_size > 0
+    done = {same_file_key(name) for name in already_done(out, fmt)} if continuing else set()
+    todo = [p for p in images if same_file_key(p) not in done]
     if done:
-        console.print(f"resuming: {len(done)} image(s) already in {out}, {len(todo)} to go")
+        console.print(f"resuming: {len(images) - len(todo)} image(s) already in {out}, {len(todo)} to go",
+                      markup=False)
     opts = sampling_options(max_tokens)
     pipe = load_pipeline(model, device, dtype, console, quantize=quantize, compile=compile,
                          fast_layout=len(todo) >= FAST_LAYOUT_MIN_JOBS)
 
-    if resume and out is not None and out.exists() and not out.read_bytes().endswith(b"\n") and out.stat().st_size:
-        with open(out, "a", encoding="utf-8") as f:
-            f.write("\n")  # end a line torn by an interrupted run, so new records start clean
-    stream = open(out, "a" if resume else "w", newline="", encoding="utf-8") if out else sys.stdout
-    write = record_writer(stream, fmt, header=not (resume and out is not None and out.exists() and out.stat().st_size))
+    # Paths are written back byte for byte, even names that are not valid UTF-8 (surrogateescape).
+    if out is None:
+        sys.stdout.reconfigure(errors="surrogateescape")
+    stream = (open_output(out, "a" if continuing else "w", newline="", encoding="utf-8", errors="surrogateescape")
+              if out else sys.stdout)
+    write = record_writer(stream, fmt, header=not continuing)
     failed, ok = [], 0
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -91,7 +100,7 @@ def caption(
                         names.append(name)
                     except PaliGemmaError as e:
                         failed.append(name)
-                        progress.console.print(f"skipped: {e}")
+                        progress.console.print(f"skipped: {e}", markup=False)
                 if loaded:
                     texts = pipe.generate(loaded, [prompt] * len(loaded), opts)
                     for name, text in zip(names, texts):
@@ -103,7 +112,8 @@ def caption(
             stream.close()
     elapsed = time.perf_counter() - t0
     console.print(f"captioned {ok} image(s) in {elapsed:.1f}s ({ok / elapsed if elapsed else 0:.2f} img/s)"
-                  + (f"; {len(failed)} unreadable: {', '.join(failed[:5])}{' …' if len(failed) > 5 else ''}" if failed else ""))
+                  + (f"; {len(failed)} unreadable: {', '.join(failed[:5])}{' …' if len(failed) > 5 else ''}" if failed else ""),
+                  markup=False)
     if ok == 0 and todo:
         raise typer.Exit(1)
 
@@ -131,6 +141,10 @@ def find_images(paths: list[str], recursive: bool) -> list[str]:
     return unique
 
 
+def _has_surrogates(text: str) -> bool:
+    return any("\ud800" <= c <= "\udfff" for c in text)
+
+
 def record_writer(stream, fmt: "Format", header: bool = True):
     """A function (image, caption) -> None that writes one record and flushes it."""
     if fmt == Format.csv:
@@ -148,24 +162,52 @@ def record_writer(stream, fmt: "Format", header: bool = True):
             stream.flush()
     else:
         def write(image: str, text: str) -> None:
-            stream.write(json.dumps({"image": image, "caption": text}, ensure_ascii=False) + "\n")
+            # A name that is not valid UTF-8 holds lone surrogates: JSON escapes those (\udcxx) and reads
+            # them back as the same name.
+            name = json.dumps(image, ensure_ascii=_has_surrogates(image))
+            stream.write(f'{{"image": {name}, "caption": {json.dumps(text, ensure_ascii=False)}}}\n')
             stream.flush()
     return write
 
 
-def already_done(out: Path, fmt: "Format") -> set[str]:
-    """Images recorded in an earlier, perhaps interrupted, run. A torn last line is ignored."""
-    text = out.read_text(encoding="utf-8", errors="replace")
-    done = set()
+def same_file_key(name: str) -> str:
+    """What identifies an image across runs: its resolved path, however it was spelled."""
+    return os.path.realpath(name)
+
+
+def already_done(out: Path, fmt: "Format") -> list[str]:
+    """Images recorded in an earlier, perhaps interrupted, run. A torn last record (a run killed while
+    writing it) is cut off the file first, so the records that follow start clean."""
+    data = out.read_bytes()
+    keep = complete_prefix(data, fmt)
+    if keep < len(data):
+        with open(out, "r+b") as f:
+            f.truncate(keep)
+    text = data[:keep].decode("utf-8", errors="surrogateescape")
     if fmt == Format.csv:
-        rows = list(csv.reader(io.StringIO(text)))
-        done = {r[0] for r in rows[1:] if len(r) == 2}
-    elif fmt == Format.txt:
-        done = {line.split("\t", 1)[0] for line in text.splitlines() if "\t" in line}
-    else:
-        for line in text.splitlines():
-            try:
-                done.add(json.loads(line)["image"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue
+        return [r[0] for r in list(csv.reader(io.StringIO(text)))[1:] if len(r) == 2]
+    if fmt == Format.txt:
+        return [line.split("\t", 1)[0] for line in text.splitlines() if "\t" in line]
+    done = []
+    for line in text.splitlines():
+        try:
+            done.append(json.loads(line)["image"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
     return done
+
+
+def complete_prefix(data: bytes, fmt: "Format") -> int:
+    """The length of `data` up to the end of its last complete record. Every record ends with a newline,
+    so a record cut short has none; a CSV caption may hold newlines inside quotes, so for CSV the cut is
+    where the rows parse whole."""
+    end = data.rfind(b"\n") + 1
+    if fmt != Format.csv:
+        return end
+    while end > 0:
+        text = data[:end].decode("utf-8", errors="surrogateescape")
+        rows = list(csv.reader(io.StringIO(text)))
+        if all(len(r) == 2 for r in rows) and text.count('"') % 2 == 0:
+            return end
+        end = data.rfind(b"\n", 0, end - 1) + 1
+    return 0

@@ -16,6 +16,9 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
+from paligemma_cli.cli import DEBUG_ENV, debugging
+from paligemma_cli.commands.common import write_stdout
+from paligemma_cli.errors import PaliGemmaError
 from paligemma_cli.options import (
     CompileOpt,
     DeviceOpt,
@@ -29,6 +32,7 @@ from paligemma_cli.options import (
     TopKOpt,
     TopPOpt,
 )
+from paligemma_cli.outputs import atomic_write_text, check_output_file, why
 
 HELP = """\
 Type a question about the image and press Enter; it is sent as "answer LANG QUESTION".
@@ -80,7 +84,6 @@ def chat(
       paligemma chat examples/shapes.png < questions.txt > answers.txt
     """
     from paligemma_cli.commands.common import load_pipeline, sampling_options, stderr_console
-    from paligemma_cli.errors import PaliGemmaError
     from paligemma_cli.inference.chat_session import ChatSession
     from paligemma_cli.processing.image import load_image
 
@@ -116,6 +119,8 @@ class Repl:
 
     def run(self) -> None:
         if not self.interactive:
+            # A line that is not valid UTF-8 is answered with an error, not the end of the session.
+            sys.stdin.reconfigure(errors="surrogateescape")
             for line in sys.stdin:
                 if not self.handle(line.rstrip("\r\n")):
                     return
@@ -152,8 +157,17 @@ class Repl:
 
     def handle(self, line: str) -> bool:
         """Act on one input line; False ends the session."""
+        from paligemma_cli.processing.text import check_text
+
         line = line.strip()
         if not line:
+            return True
+        try:
+            check_text(line, "the line")
+        except PaliGemmaError as e:
+            if not line.startswith("/"):
+                write_stdout("\n")  # a question still gets its (empty) answer line: lines stay paired
+            self.error(str(e))
             return True
         if not line.startswith("/"):
             self.answer(f"answer {self.lang} {line}")
@@ -163,8 +177,6 @@ class Repl:
         if command is None:
             self.error(f"unknown command /{name}; /help lists the commands")
             return True
-        from paligemma_cli.errors import PaliGemmaError
-
         try:
             return command(arg.strip()) is not False
         except PaliGemmaError as e:  # a bad slash command costs one line, not the session
@@ -173,15 +185,20 @@ class Repl:
 
     def answer(self, prompt: str) -> None:
         """Stream one answer as exactly one stdout line (an empty one if it failed, to keep lines paired)."""
-        from paligemma_cli.commands.common import write_stdout
-        from paligemma_cli.errors import PaliGemmaError
-
         try:
             for piece in self.session.ask(prompt):
                 write_stdout(piece.replace("\n", " "))  # one answer, one line, whatever the model says
         except PaliGemmaError as e:
             write_stdout("\n")
             self.error(str(e))
+            return
+        except (OSError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # a bug in one answer must not lose the session
+            if debugging():
+                raise
+            write_stdout("\n")
+            self.error(f"unexpected {type(e).__name__}: {e} (set {DEBUG_ENV}=1 to see the traceback)")
             return
         write_stdout("\n")
         s = self.session.last
@@ -192,8 +209,6 @@ class Repl:
     # --- slash commands -----------------------------------------------------------------------
 
     def cmd_image(self, arg: str) -> None:
-        from paligemma_cli.errors import PaliGemmaError
-
         path = arg.strip("'\"")
         if not path:
             raise PaliGemmaError("usage: /image PATH")
@@ -201,15 +216,11 @@ class Repl:
         self.info(f"image: {self.session.image_name}")
 
     def cmd_prompt(self, arg: str) -> None:
-        from paligemma_cli.errors import PaliGemmaError
-
         if not arg:
             raise PaliGemmaError("usage: /prompt RAW, e.g. /prompt caption en")
         self.answer(arg)
 
     def cmd_set(self, arg: str) -> None:
-        from paligemma_cli.errors import PaliGemmaError
-
         opts = self.session.opts
         if not arg:
             self.info(f"temperature {opts.temperature} · top-p {opts.top_p} · top-k {opts.top_k} · "
@@ -240,25 +251,26 @@ class Repl:
         self.info(f"{name} = {parsed}")
 
     def cmd_save(self, arg: str) -> None:
-        from paligemma_cli.errors import PaliGemmaError
-
         if not arg:
             raise PaliGemmaError("usage: /save FILE (FILE.jsonl for JSON lines, anything else for text)")
         path = Path(arg.strip("'\"")).expanduser()
+        check_output_file(path, [t.image for t in self.session.history if t.image], "/save")
+        if path.exists() and not is_transcript(path):
+            raise PaliGemmaError(f"'{path}' exists and is not a chat transcript; choose another name")
         turns = self.session.history
         if path.suffix == ".jsonl":
             text = "".join(json.dumps(t.as_dict()) + "\n" for t in turns)
         else:
-            text, image = "", None
+            text, image = TRANSCRIPT_HEADER, None
             for t in turns:
                 if t.image != image:
                     text += f"# image: {t.image}\n"
                     image = t.image
                 text += f"> {t.prompt}\n{t.answer}\n\n"
         try:
-            path.write_text(text, encoding="utf-8")
+            atomic_write_text(path, text)
         except OSError as e:
-            raise PaliGemmaError(f"cannot write '{path}': {e.strerror or e}") from None
+            raise PaliGemmaError(f"cannot write '{path}': {why(e)}") from None
         self.info(f"saved {len(turns)} answer(s) to {path}")
 
     def cmd_reset(self, arg: str) -> None:
@@ -280,6 +292,27 @@ class Repl:
 
     def error(self, message: str) -> None:
         typer.echo(f"error: {message}", err=True)
+
+
+TRANSCRIPT_HEADER = "# paligemma chat transcript\n"
+
+
+def is_transcript(path: Path) -> bool:
+    """A file `/save` wrote before (text with its header, or JSON lines of turns): safe to replace."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(1 << 16).decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    if path.suffix != ".jsonl":
+        return first == TRANSCRIPT_HEADER
+    if not first.strip():
+        return path.stat().st_size == 0
+    try:
+        turn = json.loads(first)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(turn, dict) and {"prompt", "answer"} <= turn.keys()
 
 
 def enable_line_editing() -> Callable[[], None]:

@@ -43,7 +43,9 @@ def classify(
     from paligemma_cli.errors import PaliGemmaError
     from paligemma_cli.inference.embeddings import label_probabilities
     from paligemma_cli.processing.image import load_image, preprocess
+    from paligemma_cli.processing.text import check_text
 
+    check_text(labels, "LABELS")
     names = [label.strip() for label in labels.split(",")]
     if not any(names):
         raise PaliGemmaError('no labels: give them comma-separated, e.g. "a red circle,a blue square"')

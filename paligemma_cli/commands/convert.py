@@ -37,21 +37,24 @@ def convert(
         show_default="one file")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace DST if it exists.")] = False,
     final_logit_softcap: Annotated[Optional[float], typer.Option(
-        "--final-logit-softcap", help="Gemma 2 .npz only; 0 turns it off.", show_default="30")] = None,
+        "--final-logit-softcap", help="Gemma 2 .npz only; 0 turns it off. The Hugging Face configs say 30.",
+        show_default="0, as big_vision")] = None,
     attn_logit_softcap: Annotated[Optional[float], typer.Option(
         "--attn-logit-softcap", help="Gemma 2 .npz only; 0 turns it off.", show_default="50")] = None,
     query_pre_attn_scalar: Annotated[Optional[int], typer.Option(
         "--query-pre-attn-scalar", min=1, help="Gemma 2 .npz only: queries are scaled by its -1/2 power.",
         show_default="head_dim; 144 for 28B")] = None,
     sliding_window: Annotated[Optional[int], typer.Option(
-        "--sliding-window", min=0, help="Gemma 2 .npz only: window of the even layers; 0 turns it off.",
-        show_default="4096")] = None,
+        "--sliding-window", min=0, help="Gemma 2 .npz only: window of the even layers; 0 turns it off. The "
+                                        "Hugging Face configs say 4096.",
+        show_default="0, as big_vision")] = None,
 ) -> None:
     """Convert a checkpoint into a model folder and print the folder's path.
 
     A big_vision .npz (Google's original JAX release) becomes a folder
     that paligemma and transformers both load; its config is read off the
-    array shapes. A folder can be re-saved in another dtype or in shards.
+    array shapes, and a Gemma 2 decoder runs as in big_vision (no sliding
+    window, no final soft-cap) unless the flags say otherwise. A folder can be re-saved in another dtype or in shards.
     A training run saved with --lora-save adapter is merged into its base.
     --quantize int8 stores the decoder in int8; every command loads it.
     The folder appears only when complete: a failed run leaves nothing.

@@ -33,14 +33,19 @@ def detect(
     """
     from paligemma_cli.commands.common import load_pipeline, sampling_options, stderr_console
     from paligemma_cli.errors import PaliGemmaError
+    from paligemma_cli.outputs import check_output_file
     from paligemma_cli.processing.drawing import draw_boxes
     from paligemma_cli.processing.image import load_image
     from paligemma_cli.processing.locations import parse_detections
+    from paligemma_cli.processing.text import check_text
 
+    check_text(objects, "OBJECTS")
     labels = [o.strip() for o in objects.split(";") if o.strip()]
     if not labels:
         raise PaliGemmaError("say what to detect, e.g. \"cat\" or \"cat ; dog\"")
     prompt = "detect " + " ; ".join(labels)
+    if out is not None:
+        out = check_output_file(out, [image])
     picture = load_image(image)
     console = stderr_console()
     pipe = load_pipeline(model, device, dtype, console, quantize=quantize, compile=compile)

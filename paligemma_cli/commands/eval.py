@@ -50,6 +50,7 @@ def eval_command(
     from paligemma_cli.data.jsonl import read_jsonl
     from paligemma_cli.errors import PaliGemmaError
     from paligemma_cli.evaluation.evaluate import evaluate, select_examples
+    from paligemma_cli.outputs import check_output_file, open_output
 
     console = stderr_console()
     if tasks and "retrieval" in tasks:
@@ -65,14 +66,13 @@ def eval_command(
     examples = select_examples(read_jsonl(data), tasks or (), limit)
     if not examples:
         raise PaliGemmaError(f"{data}: no examples to evaluate")
+    if predictions is not None:
+        predictions = check_output_file(predictions, [data, *(e.image for e in examples)], "--predictions")
     opts = sampling_options(max_tokens)  # greedy: scores should not depend on a seed
     pipe = load_pipeline(model, device, dtype, console, quantize=quantize, compile=compile,
                          fast_layout=len(examples) >= FAST_LAYOUT_MIN_JOBS)
 
-    try:
-        out = open(predictions, "w", encoding="utf-8") if predictions else None
-    except OSError as e:
-        raise PaliGemmaError(f"cannot write '{predictions}': {e.strerror or e}") from None
+    out = open_output(predictions, "w", encoding="utf-8") if predictions else None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     progress = Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console)

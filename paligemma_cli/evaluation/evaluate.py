@@ -18,6 +18,7 @@ without a model.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,12 +150,14 @@ def _match_detections(prediction: str, references: list[str], size: tuple[int, i
 def _image_size(path: Path) -> tuple[int, int]:
     """(width, height) as `load_image` will see it, from the header only."""
     try:
-        with Image.open(path) as im:
-            width, height = im.size
-            # EXIF orientations 5-8 are quarter turns: load_image stands the picture upright.
-            if im.getexif().get(0x0112) in (5, 6, 7, 8):
-                width, height = height, width
-    except (OSError, ValueError, SyntaxError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # only the header is read
+            with Image.open(path) as im:
+                width, height = im.size
+                # EXIF orientations 5-8 are quarter turns: load_image stands the picture upright.
+                if im.getexif().get(0x0112) in (5, 6, 7, 8):
+                    width, height = height, width
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise PaliGemmaError(f"cannot read image '{path}': {e}") from None
     return width, height
 

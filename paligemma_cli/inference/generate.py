@@ -6,6 +6,7 @@ streams by iterating it and batch callers collect it. Greedy is the default (big
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -25,12 +26,14 @@ class SamplingOptions:
     def validate(self) -> "SamplingOptions":
         if self.max_new_tokens < 1:
             raise PaliGemmaError(f"--max-tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise PaliGemmaError(f"--temperature must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise PaliGemmaError(f"--temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise PaliGemmaError(f"--top-k must be at least 1, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
+        if self.top_p is not None and not 0 < self.top_p <= 1:  # also refuses NaN
             raise PaliGemmaError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise PaliGemmaError(f"--seed must be between 0 and 2**64 - 1, got {self.seed}")
         return self
 
 

@@ -94,7 +94,13 @@ class Pipeline:
         return self
 
     def max_prompt_tokens(self, max_new_tokens: int) -> int:
-        return self.model.config.text.max_position_embeddings - max_new_tokens
+        """How long a prompt may be so that `max_new_tokens` still fit the model's positions."""
+        context = self.model.config.text.max_position_embeddings
+        num_image_tokens = self.model.config.num_image_tokens
+        if max_new_tokens > context - num_image_tokens - 2:  # room for the image, <bos> and "\n"
+            raise PaliGemmaError(f"--max-tokens {max_new_tokens} leaves no room for the prompt: this model reads "
+                                 f"{context} tokens in all, {num_image_tokens} of them the image's")
+        return context - max_new_tokens
 
     def prepare(self, images: Sequence, prompts: Sequence[str], max_new_tokens: int) -> dict:
         """A left-padded batch on the model's device; images are PIL images, paths or bytes."""

@@ -9,7 +9,9 @@ resizing; transformers and this package use PIL bicubic.
 from __future__ import annotations
 
 import io
+import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +19,24 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from paligemma_cli.errors import PaliGemmaError
+
+MAX_PIXELS_ENV = "PALIGEMMA_MAX_PIXELS"
+DEFAULT_MAX_PIXELS = 128_000_000  # above a 108 MP phone photo; a 20000 x 20000 "decompression bomb" is refused
+MAX_FILE_BYTES = 1 << 30  # an image file (or stdin) larger than this is refused before it is read whole
+
+
+def max_pixels() -> int:
+    """The largest image, in pixels, the tool decodes: `$PALIGEMMA_MAX_PIXELS`, else the default."""
+    value = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not value:
+        return DEFAULT_MAX_PIXELS
+    try:
+        limit = int(float(value))
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise PaliGemmaError(f"{MAX_PIXELS_ENV} must be a positive number of pixels, got {value!r}")
+    return limit
 
 
 def load_image(source: str | Path | bytes) -> Image.Image:
@@ -30,30 +50,53 @@ def load_image(source: str | Path | bytes) -> Image.Image:
         An RGB image with its EXIF orientation applied.
 
     Raises:
-        PaliGemmaError: "cannot read image 'x.jpg': ..." when the file is missing or not an image.
+        PaliGemmaError: "cannot read image 'x.jpg': ..." when the file is missing, not an image, corrupt,
+            larger than `max_pixels()` pixels (checked on the header, before decoding) or than
+            `MAX_FILE_BYTES` bytes.
     """
     if isinstance(source, bytes):
         name, data = "<bytes>", source
     elif str(source) == "-":
-        name, data = "<stdin>", sys.stdin.buffer.read()
+        name, data = "<stdin>", sys.stdin.buffer.read(MAX_FILE_BYTES + 1)
     else:
-        name = str(source)
+        name = os.fsdecode(source).encode("utf-8", "backslashreplace").decode("utf-8")  # printable
         try:
+            if Path(source).stat().st_size > MAX_FILE_BYTES:
+                raise PaliGemmaError(f"cannot read image '{name}': larger than {MAX_FILE_BYTES >> 20} MB")
             data = Path(source).read_bytes()
         except FileNotFoundError:
             raise PaliGemmaError(f"cannot read image '{name}': no such file") from None
+        except IsADirectoryError:
+            raise PaliGemmaError(f"cannot read image '{name}': it is a folder") from None
         except OSError as e:
             raise PaliGemmaError(f"cannot read image '{name}': {e.strerror or e}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise PaliGemmaError(f"cannot read image '{name}': larger than {MAX_FILE_BYTES >> 20} MB")
+    limit = max_pixels()
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()  # Image.open is lazy: decode now so a truncated file fails here
+        with warnings.catch_warnings():
+            # Pillow's own bomb check (a warning at ~89 MP, an error at twice that) is replaced by ours, on the
+            # size read from the header, before any pixel is decoded.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                image = Image.open(io.BytesIO(data))
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+            width, height = image.size
+            if width * height > limit:
+                raise Image.DecompressionBombError(f"{width} x {height} = {width * height / 1e6:.0f} MP")
+            image.load()  # Image.open is lazy: decode now so a truncated file fails here
         # Phones store pixels sideways and record the rotation in EXIF; the model must see it upright.
         image = ImageOps.exif_transpose(image)
         return to_rgb(image)
+    except Image.DecompressionBombError as e:
+        raise PaliGemmaError(f"cannot read image '{name}': too large ({e}; the limit is {limit / 1e6:.0f} MP, "
+                             f"raise it with {MAX_PIXELS_ENV})") from None
     except UnidentifiedImageError:
         reason = "empty input" if not data else "not an image format Pillow can read"
         raise PaliGemmaError(f"cannot read image '{name}': {reason}") from None
-    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data
+    except (OSError, ValueError, SyntaxError, EOFError) as e:  # truncated or corrupt data
         raise PaliGemmaError(f"cannot read image '{name}': corrupt or truncated ({e})") from None
 
 

@@ -3,7 +3,9 @@
 A run is reproducible piece by piece: data order is a pure function of (seed, step) (`BatchOrder`) and
 the learning rate of the step (`lr_at`), so a resumed run draws the same batches and ends exactly where
 an uninterrupted one would. A run folder holds the model checkpoint, `train_config.yaml`,
-`metrics.jsonl` and `trainer_state.pt` (what `--resume` needs); each file is replaced atomically.
+`metrics.jsonl` and the resume state (`resume_state.py`); each file is replaced atomically. The folder
+carries the tool's marker from the start, so a run that failed before its first checkpoint can be
+started again in it, and a folder that holds someone else's files is never written into.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 import types
 import typing
@@ -23,9 +26,10 @@ from typing import Callable, ClassVar
 import torch
 import yaml
 
-from paligemma_cli.checkpoints.atomic import atomic_write_text
 from paligemma_cli.errors import PaliGemmaError
+from paligemma_cli.outputs import atomic_write_text, is_within, mark_folder, marked_kind, resolved, why
 from paligemma_cli.processing.image import load_image
+from paligemma_cli.training.resume_state import has_state, load_state, save_state
 
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -83,6 +87,13 @@ class RunSettings:
 
     def check_common(self) -> None:
         """The checks every run needs; each trainer's `resolved()` calls it and adds its own."""
+        for name in ("lr", "weight_decay", "min_lr_ratio", "clip"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
+                raise PaliGemmaError(f"--{name.replace('_', '-')} must be a finite number "
+                                     f"{'> 0' if name == 'lr' else '>= 0'}, got {value}")
+        if self.min_lr_ratio > 1:
+            raise PaliGemmaError(f"min_lr_ratio must be between 0 and 1, got {self.min_lr_ratio}")
         if self.schedule not in SCHEDULES:
             raise PaliGemmaError(f"--schedule must be cosine or constant, got {self.schedule!r}")
         if self.precision not in PRECISIONS:
@@ -168,17 +179,41 @@ def adamw(model: torch.nn.Module, cfg: RunSettings) -> torch.optim.AdamW:
 # --- the run folder ----------------------------------------------------------------------------------------
 
 
-def check_run_folder(out: Path, resume: bool) -> Path:
-    """The run's `trainer_state.pt` path, after refusing a resume with nothing to resume or a new run
-    over an old one (or over a model folder, e.g. the checkpoint being fine-tuned)."""
-    state_file = out / "trainer_state.pt"
-    if resume and not state_file.exists():
-        raise PaliGemmaError(f"nothing to resume in '{out}' (no trainer_state.pt); start the run without --resume")
-    if not resume and state_file.exists():
+RUN_KIND = "training run"
+
+
+def check_run_folder(out: Path, resume: bool, inputs: list) -> None:
+    """Refuse a resume with nothing to resume, a new run over an old one, a run folder that is, holds or
+    lies inside one of the run's `inputs`, and one that holds files other than an unfinished run's."""
+    if out.exists() and not out.is_dir():
+        raise PaliGemmaError(f"--out '{out}' is a file; a run needs a folder")
+    target = resolved(out)
+    for source in inputs:
+        src = resolved(source)
+        if is_within(src, target) or is_within(target, src):
+            raise PaliGemmaError(f"--out '{out}' is, holds or lies inside the input '{source}'; "
+                                 "choose another --out for the run")
+    if resume:
+        if not has_state(out):
+            raise PaliGemmaError(f"nothing to resume in '{out}' (no trainer state); start the run without --resume")
+        return
+    if has_state(out):
         raise PaliGemmaError(f"'{out}' already holds a run; pass --resume to continue it or choose another --out")
-    if not resume and (out / "config.json").exists():
-        raise PaliGemmaError(f"'{out}' already holds a model; choose another --out for the run")
-    return state_file
+    if out.is_dir() and any(out.iterdir()) and marked_kind(out) != RUN_KIND:
+        what = "a model" if (out / "config.json").exists() else "files this tool did not write"
+        raise PaliGemmaError(f"'{out}' already holds {what}; choose another --out for the run")
+
+
+def discard_unfinished_run(out: Path, created: bool) -> None:
+    """After a run failed before its first checkpoint: remove what it wrote, so nothing looks usable.
+    Only a folder that carries the marker and no state is touched."""
+    if not out.is_dir() or has_state(out) or marked_kind(out) != RUN_KIND:
+        return
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+    else:
+        for item in out.iterdir():
+            shutil.rmtree(item, ignore_errors=True) if item.is_dir() else item.unlink(missing_ok=True)
 
 
 def trim_metrics(out: Path, step: int) -> None:
@@ -221,9 +256,9 @@ class TrainState:
 
 
 class TrainerBase:
-    """The loop, logging and resume state both trainers share. A subclass sets `cfg`, `model`,
-    `optimizer`, `out`, `device` and `missing_images`, and provides `train_step()`, `save()` and
-    `load_weights(state)`; `run()` trains to `cfg.steps`, saving as it goes and on Ctrl-C."""
+    """The loop, logging and resume state both trainers share. A subclass's `setup()` sets `model`,
+    `optimizer`, `examples_per_step` and `missing_images`; it provides `train_step()`, `save()` and
+    `load_weights(weights, folder)`. `run()` trains to `cfg.steps`, saving as it goes and on Ctrl-C."""
 
     examples_per_step: int  # for the examples/s figure
 
@@ -233,20 +268,31 @@ class TrainerBase:
         self.on_log = on_log or (lambda m: None)
         self.out = Path(cfg.out)
         self.resuming = resume
-        self.state_file = check_run_folder(self.out, resume)
+        check_run_folder(self.out, resume, [p for p in (cfg.data, cfg.model, getattr(cfg, "val_data", None),
+                                                        getattr(cfg, "init_vision", None)) if p])
+        self.created_out = not self.out.exists()
+        if not resume:  # from here on the folder is this run's: marked before anything else is written
+            self.out.mkdir(parents=True, exist_ok=True)
+            mark_folder(self.out, RUN_KIND)
         self.state = TrainState()
         self.saved_step = 0  # the step of the last checkpoint written, for messages
         self.bad_images: set[str] = set()  # unreadable files, skipped without reading them again
         self.autocast = pick_autocast(cfg.precision, self.device)
         self._updating = False  # True while weights and optimizer are part-way through one step
+        try:
+            self.setup()
+            if resume:
+                self._load_state()
+            else:
+                atomic_write_text(self.out / "train_config.yaml", self.config_yaml())
+        except BaseException:
+            discard_unfinished_run(self.out, self.created_out)  # nothing half-made is left to look usable
+            raise
 
-    def start(self) -> None:
-        """After the model and optimizer exist: resume, or record the run's settings from the start."""
-        if self.resuming:
-            self._load_state(self.state_file)
-        else:
-            self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.out / "train_config.yaml", self.config_yaml())
+    def setup(self) -> None:
+        """Read the data, build the model and the optimizer (each trainer's own)."""
+        raise NotImplementedError
+
 
     def read_image(self, path):
         """The image at `path`, or None if it cannot be read (each unreadable file counted once)."""
@@ -282,6 +328,15 @@ class TrainerBase:
         """Hook for per-step extras (the captioning trainer's validation loss)."""
 
     def run(self) -> dict:
+        try:
+            return self._run()
+        except KeyboardInterrupt:
+            raise  # saved by `_run` where it could be
+        except BaseException:
+            discard_unfinished_run(self.out, self.created_out)  # failed before its first checkpoint
+            raise
+
+    def _run(self) -> dict:
         cfg = self.cfg
         t0, seen, last = time.perf_counter(), 0, {}
         try:
@@ -296,14 +351,14 @@ class TrainerBase:
                 self.on_log(metrics)
                 last = metrics
                 if step % cfg.save_every == 0 and step < cfg.steps:
-                    self.save()
+                    self.checkpoint()
         except KeyboardInterrupt:
             # Ctrl-C inside optimizer.step() leaves some weights updated and some not: keep the last
             # checkpoint then. Anywhere else the weights are those of a finished step.
             if not self._updating:
-                self.save()
+                self.checkpoint()
             raise
-        self.save()
+        self.checkpoint()
         return {**last, "steps": self.state.step, "skipped_images": self.state.skipped_images,
                 "missing_images": self.missing_images, "out": str(self.out)}
 
@@ -320,19 +375,19 @@ class TrainerBase:
     def save_resume_state(self, weights: dict[str, torch.Tensor]) -> None:
         """Write what `--resume` needs beside the checkpoint: `weights` (those the run trains), the
         optimizer, the RNG states, the step and the settings."""
-        state = {
-            "step": self.state.step,
-            "skipped_images": self.state.skipped_images,
-            "bad_images": sorted(self.bad_images),
-            "model": weights,
-            "optimizer": self.optimizer.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-            "config": self.cfg.to_dict(),
-        }
-        tmp = self.out / ".trainer_state.pt.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.out / "trainer_state.pt")
+        info = {"skipped_images": self.state.skipped_images, "bad_images": sorted(self.bad_images),
+                "config": self.cfg.to_dict()}
+        save_state(self.out, self.state.step, weights, self.optimizer.state_dict(), info)
         self.saved_step = self.state.step
+
+    def checkpoint(self) -> None:
+        """`save()`, whose failure (a full disk) is one line saying which step the folder still holds."""
+        try:
+            self.save()
+        except OSError as e:
+            kept = f"step {self.saved_step}" if has_state(self.out) else "no checkpoint yet"
+            raise PaliGemmaError(f"could not save step {self.state.step} to '{self.out}': {why(e)}; "
+                                 f"the run folder keeps {kept}") from None
 
     def check_saved_settings(self, saved: dict) -> None:
         """Refuse to resume with a setting that decides what is trained changed from the saved run's."""
@@ -343,14 +398,17 @@ class TrainerBase:
                 raise PaliGemmaError(f"cannot resume '{self.out}' with {name} = {getattr(self.cfg, name)!r}: the run "
                                      f"used {used!r}; start a new run to change it")
 
-    def _load_state(self, path: Path) -> None:
-        # On the CPU: the RNG state must stay there; load_state_dict moves the rest to the model's device.
-        state = torch.load(path, map_location="cpu", weights_only=False)
+    def _load_state(self) -> None:
+        state = load_state(self.out)
         self.check_saved_settings(state.get("config", {}))
-        self.load_weights(state["model"], path)
-        self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
+        self.load_weights(state["model"], self.out)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng_torch"])
+            random.setstate(state["python_rng"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise PaliGemmaError(f"the trainer state in '{self.out}' does not fit this run ({e}); "
+                                 "start a new run") from None
         self.state.step = self.saved_step = state["step"]
         self.state.skipped_images = state["skipped_images"]
         self.bad_images = set(state.get("bad_images", []))  # absent in states saved before it was kept

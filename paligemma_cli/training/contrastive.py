@@ -26,12 +26,13 @@ from typing import Callable, ClassVar
 
 import torch
 
-from paligemma_cli.checkpoints.atomic import atomic_save_tensors, atomic_write_text
+from paligemma_cli.checkpoints.atomic import atomic_save_tensors
 from paligemma_cli.checkpoints.hf import load_dual_encoder
 from paligemma_cli.data.jsonl import caption_examples, read_jsonl
 from paligemma_cli.errors import PaliGemmaError
 from paligemma_cli.model.config import SiglipConfig
 from paligemma_cli.model.siglip import DualEncoder
+from paligemma_cli.outputs import atomic_write_text
 from paligemma_cli.processing.image import preprocess
 from paligemma_cli.processing.siglip_tokenizer import SiglipTokenizer
 from paligemma_cli.training.common import BatchOrder, RunSettings, TrainerBase, adamw, usable_examples
@@ -107,8 +108,10 @@ class ContrastiveTrainer(TrainerBase):
 
     def __init__(self, cfg: ContrastiveTrainConfig, device: str | torch.device = "cpu",
                  on_log: Callable[[dict], None] | None = None, resume: bool = False):
-        cfg = cfg.resolved()
-        super().__init__(cfg, device, on_log, resume)
+        super().__init__(cfg.resolved(), device, on_log, resume)
+
+    def setup(self) -> None:
+        cfg = self.cfg
         everything = read_jsonl(cfg.data)
         self.examples = caption_examples(everything)
         if not self.examples:
@@ -129,7 +132,6 @@ class ContrastiveTrainer(TrainerBase):
         self.order = BatchOrder(len(self.examples), cfg.batch_size, cfg.seed)
         self.optimizer = adamw(self.model, cfg)  # no decay on the temperature: it would bias it
         self.examples_per_step = cfg.batch_size
-        self.start()
 
     # --- set-up --------------------------------------------------------------------------------
 
@@ -223,7 +225,7 @@ class ContrastiveTrainer(TrainerBase):
 
     def check_saved_settings(self, saved: dict) -> None:
         if "objective" not in saved:
-            raise PaliGemmaError(f"'{self.state_file}' is the state of a captioning run; resume it without --objective")
+            raise PaliGemmaError(f"'{self.out}' holds the state of a captioning run; resume it without --objective")
         super().check_saved_settings(saved)
 
     def load_weights(self, weights: dict[str, torch.Tensor], path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar
@@ -17,7 +18,7 @@ from typing import Callable, ClassVar
 import torch
 import torch.nn.functional as F
 
-from paligemma_cli.checkpoints.atomic import atomic_save_tensors, atomic_write_text
+from paligemma_cli.checkpoints.atomic import atomic_save_tensors
 from paligemma_cli.checkpoints.hf import (
     load_model,
     load_vision_tower_state,
@@ -31,6 +32,7 @@ from paligemma_cli.model.gemma import RMSNorm
 from paligemma_cli.model.lora import DECODER_LINEARS, apply_lora, lora_state_dict, merged_state_dict
 from paligemma_cli.model.paligemma import PaliGemma
 from paligemma_cli.model.siglip import init_siglip_weights
+from paligemma_cli.outputs import atomic_write_text
 from paligemma_cli.processing.processor import PaliGemmaProcessor
 from paligemma_cli.processing.tokenizer import PaliGemmaTokenizer
 from paligemma_cli.training.common import BatchOrder, RunSettings, TrainerBase, adamw, usable_examples
@@ -74,6 +76,14 @@ class TrainConfig(RunSettings):
             cfg.lr = 1e-4 if cfg.trainable == "lora" else (2e-5 if cfg.model else 1e-3)
         if cfg.steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1:
             raise PaliGemmaError("--steps, --batch-size and --grad-accum must be at least 1")
+        if cfg.lora_r < 1:
+            raise PaliGemmaError(f"--lora-r must be at least 1, got {cfg.lora_r}")
+        if not (math.isfinite(cfg.lora_alpha) and cfg.lora_alpha > 0):
+            raise PaliGemmaError(f"--lora-alpha must be a finite number > 0, got {cfg.lora_alpha}")
+        if cfg.eval_every < 0 or cfg.eval_examples < 1:
+            raise PaliGemmaError("--eval-every must be at least 0 and eval_examples at least 1")
+        if cfg.max_length is not None and cfg.max_length < 2:
+            raise PaliGemmaError(f"--max-length must be at least 2, got {cfg.max_length}")
         cfg.check_common()
         if cfg.lora_save not in ("merged", "adapter"):
             raise PaliGemmaError(f"--lora-save must be merged or adapter, got {cfg.lora_save!r}")
@@ -126,8 +136,10 @@ class Trainer(TrainerBase):
 
     def __init__(self, cfg: TrainConfig, device: str | torch.device = "cpu",
                  on_log: Callable[[dict], None] | None = None, resume: bool = False):
-        cfg = cfg.resolved()
-        super().__init__(cfg, device, on_log, resume)
+        super().__init__(cfg.resolved(), device, on_log, resume)
+
+    def setup(self) -> None:
+        cfg = self.cfg
         self.examples = read_jsonl(cfg.data)
         if not self.examples:
             raise PaliGemmaError(f"'{cfg.data}' has no examples")
@@ -138,7 +150,6 @@ class Trainer(TrainerBase):
         self.order = BatchOrder(len(self.examples), cfg.batch_size, cfg.seed)
         self.optimizer = adamw(self.model, cfg)
         self.examples_per_step = cfg.batch_size * cfg.grad_accum
-        self.start()
 
     # --- set-up --------------------------------------------------------------------------------
 

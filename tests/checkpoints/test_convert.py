@@ -7,6 +7,7 @@ published layout: `params/` prefix, layers stacked, bfloat16 as 2-byte raw data.
 import errno
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,14 +17,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from paligemma_cli.checkpoints.big_vision import infer_config, state_dict_to_npz
+from paligemma_cli.checkpoints.big_vision import expected_npz_shapes, infer_config, state_dict_to_npz
 from paligemma_cli.checkpoints.hf import load_model, save_model
 from paligemma_cli.cli import friendly_errors
 from paligemma_cli.commands.convert import convert
 from paligemma_cli.model.config import PaliGemmaConfig
 from paligemma_cli.model.lora import apply_lora, lora_state_dict
 from paligemma_cli.model.paligemma import PaliGemma
+from paligemma_cli.processing.tokenizer import PaliGemmaTokenizer
 from tests.fixtures.hf_reference import IMAGE_TOKEN, hf_position_ids, make_inputs, randomize_, tiny_hf_config
+from tests.fixtures.tokenizer import make_tiny_tokenizer
 
 GEMMA2_FLAGS = ["--attn-logit-softcap", "1.5", "--final-logit-softcap", "2.5", "--query-pre-attn-scalar", "20",
                 "--sliding-window", "6"]
@@ -105,21 +108,51 @@ def test_converted_folder_matches_transformers(variant, batch, tmp_path):
 
 def test_published_shapes_give_the_published_config():
     # The real 3B npz: 257152 embedding rows; <image> is the next id and the table pads to 257216.
-    from paligemma_cli.checkpoints.big_vision import expected_npz_shapes
 
     for name in ("paligemma-3b-448", "paligemma2-3b-224", "paligemma2-28b-896"):
         published = PaliGemmaConfig.from_name(name)
         shapes = expected_npz_shapes(published)
         assert shapes["llm/embedder/input_embedding"][0] == 257152
-        assert infer_config(shapes).to_dict() == published.to_dict()
+        # The Hugging Face config, with its final soft-cap and sliding window asked for by flag.
+        hf_settings = dict(final_logit_softcap=30.0, sliding_window=4096) if published.text.is_gemma2 else {}
+        assert infer_config(shapes, **hf_settings).to_dict() == published.to_dict()
+
+
+def test_gemma2_npz_runs_as_big_vision_by_default():
+    # big_vision's Gemma 2 has no sliding window and PaliGemma's configs turn the final soft-cap off.
+    cfg = infer_config(expected_npz_shapes(PaliGemmaConfig.from_name("paligemma2-3b-896")))
+    t = cfg.text
+    assert (t.sliding_window, t.final_logit_softcapping, t.attn_logit_softcapping) == (None, None, 50.0)
+    assert all(t.layer_window(i) is None for i in range(t.num_hidden_layers))
+
+
+def npz_for_tokenizer(tmp_path) -> tuple[Path, Path]:
+    """An npz whose vocabulary ends where the tiny tokenizer's pieces end, and that tokenizer's file."""
+    tok_file = make_tiny_tokenizer(tmp_path / "tok")
+    pieces = PaliGemmaTokenizer.from_file(tok_file).image_token_id
+    model = make_model("gemma")
+    table = np.zeros((pieces, model.config.text.hidden_size), np.float32)
+    return write_npz(model, tmp_path / "pt.npz", **{"params/llm/embedder/input_embedding": table}), tok_file
 
 
 def test_tokenizer_is_copied_as_tokenizer_model(tmp_path):
-    npz = write_npz(make_model("gemma"), tmp_path / "pt.npz")
-    (tmp_path / "paligemma_tokenizer.model").write_bytes(b"sentencepiece bytes")
+    npz, tok_file = npz_for_tokenizer(tmp_path)
+    shutil.copy(tok_file, tmp_path / "paligemma_tokenizer.model")
     result = run_cli(npz, tmp_path / "out", "--tokenizer", tmp_path / "paligemma_tokenizer.model")
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "out" / "tokenizer.model").read_bytes() == b"sentencepiece bytes"
+    assert (tmp_path / "out" / "tokenizer.model").read_bytes() == tok_file.read_bytes()
+    assert PaliGemmaTokenizer.from_folder(tmp_path / "out").image_token_id == load_model(tmp_path / "out").config.image_token_id
+
+
+def test_a_tokenizer_that_is_not_the_models_is_refused_and_nothing_is_written(tmp_path):
+    npz, tok_file = npz_for_tokenizer(tmp_path)
+    (tmp_path / "notes.txt").write_text("shopping list")
+    result = run_cli(npz, tmp_path / "out", "--tokenizer", tmp_path / "notes.txt")
+    assert result.exit_code == 1 and "not a SentencePiece model" in result.stderr, result.output
+    other = write_npz(make_model("gemma"), tmp_path / "other.npz")  # 300 rows: <image> is 300
+    result = run_cli(other, tmp_path / "out", "--tokenizer", tok_file)
+    assert result.exit_code == 1 and "not this model's tokenizer" in result.stderr, result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_array_is_named(tmp_path):
@@ -173,10 +206,27 @@ def test_existing_output_needs_force(tmp_path, batch):
     result = run_cli(npz, tmp_path / "out")
     assert result.exit_code == 1 and "--force" in result.stderr
     assert (tmp_path / "out" / "keep.txt").exists()
+    # --force replaces only a folder this tool wrote: never one that holds a person's files.
     result = run_cli(npz, tmp_path / "out", "--force")
+    assert result.exit_code == 1 and "did not write" in result.stderr
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    assert run_cli(npz, tmp_path / "ours").exit_code == 0
+    other = write_npz(make_model("gemma", seed=1), tmp_path / "other.npz")
+    result = run_cli(other, tmp_path / "ours", "--force")
     assert result.exit_code == 0, result.output
-    assert not (tmp_path / "out" / "keep.txt").exists()
-    assert torch.equal(logits(load_model(tmp_path / "out"), batch), logits(model, batch))
+    assert torch.equal(logits(load_model(tmp_path / "ours"), batch), logits(make_model("gemma", seed=1), batch))
+
+
+@pytest.mark.parametrize("where", ["parent", "same", "inside"])
+def test_an_output_folder_around_or_inside_the_input_is_refused(tmp_path, where):
+    src = tmp_path / "models" / "src"
+    src.mkdir(parents=True)
+    save_model(make_model("gemma"), src)
+    (tmp_path / "models" / "notes.txt").write_text("unrelated")
+    dst = {"parent": tmp_path / "models", "same": src, "inside": src / "sub"}[where]
+    result = run_cli(src, dst, "--dtype", "bf16", "--force")
+    assert result.exit_code == 1 and "input" in result.stderr, result.output
+    assert load_model(src) is not None and (tmp_path / "models" / "notes.txt").read_text() == "unrelated"
 
 
 def test_disk_full_leaves_no_folder(tmp_path, monkeypatch):

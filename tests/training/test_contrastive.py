@@ -26,6 +26,7 @@ from paligemma_cli.training.contrastive import (
     contrastive_loss,
     run_contrastive_training,
 )
+from paligemma_cli.training.resume_state import load_state
 
 
 class Crash(Exception):
@@ -107,7 +108,7 @@ def test_siglip_from_scratch_lowers_the_loss(siglip_run):
 
 def test_the_run_folder_is_a_dual_encoder_checkpoint(siglip_run):
     out, trainer, _, _ = siglip_run
-    assert {"config.json", "model.safetensors", "tokenizer.model", "train_config.yaml", "trainer_state.pt"} <= {
+    assert {"config.json", "model.safetensors", "tokenizer.model", "train_config.yaml", "trainer_state.json"} <= {
         p.name for p in out.iterdir()}
     loaded = load_dual_encoder(out)
     for k, v in trainer.model.state_dict().items():
@@ -157,7 +158,7 @@ def test_ctrl_c_saves_and_resume_refuses_changed_settings(captions, tmp_path):
     cfg = settings(captions, tmp_path / "run")
     trainer, summary, _ = train(cfg, stop_at=3)
     assert summary is None
-    assert torch.load(tmp_path / "run" / "trainer_state.pt", weights_only=False)["step"] == 3
+    assert load_state(tmp_path / "run")["step"] == 3
     with pytest.raises(PaliGemmaError, match="batch_size"):
         train({**cfg, "batch_size": 8}, resume=True)
     with pytest.raises(PaliGemmaError, match="objective"):
@@ -167,10 +168,10 @@ def test_ctrl_c_saves_and_resume_refuses_changed_settings(captions, tmp_path):
     with pytest.raises(PaliGemmaError, match="hard_negatives"):
         train({**cfg, "hard_negatives": 1}, resume=True)
     # A run saved before --hard-negatives existed has no such key: it used the default (0) and resumes.
-    state_file = tmp_path / "run" / "trainer_state.pt"
-    state = torch.load(state_file, weights_only=False)
+    state_file = tmp_path / "run" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
     del state["config"]["hard_negatives"]
-    torch.save(state, state_file)
+    state_file.write_text(json.dumps(state))
     assert train(cfg, resume=True)[1]["steps"] == 8
 
 

@@ -25,6 +25,7 @@ from paligemma_cli.data.shapes import write_dataset
 from paligemma_cli.errors import PaliGemmaError
 from paligemma_cli.training.common import lr_at
 from paligemma_cli.training.paligemma import TrainConfig, Trainer, suffix_loss
+from paligemma_cli.training.resume_state import load_state
 from tests.fixtures.tokenizer import make_tiny_tokenizer
 
 runner = CliRunner()
@@ -107,7 +108,7 @@ def test_ctrl_c_saves_a_loadable_checkpoint_and_lora_resume_is_exact(data, base,
     cfg = config(data, tmp_path / "split", **kw)
     _, summary, first = train(cfg, stop_at=2)
     assert summary is None
-    assert torch.load(tmp_path / "split" / "trainer_state.pt", weights_only=False)["step"] == 2
+    assert load_state(tmp_path / "split")["step"] == 2
     load_model(tmp_path / "split")  # a complete model folder at step 2
     resumed, summary, rest = train(cfg, resume=True)
     assert summary["steps"] == 6 and first + rest == whole_order
@@ -273,7 +274,17 @@ def test_cli_config_errors_are_one_line(data, tmp_path):
 def test_cli_refuses_to_train_over_a_model_folder(data, base, tmp_path):
     plain = tmp_path / "plain"
     save_model(load_model(base), plain, tokenizer_dir=base)
-    one_line_error(run(data, "--model", plain, "--out", plain, "--steps", 1), "already holds a model")
+    one_line_error(run(data, "--model", base, "--out", plain, "--steps", 1), "already holds a model")
+    one_line_error(run(data, "--model", plain, "--out", plain, "--steps", 1), "inside the input")
+    before = {p.name: p.read_bytes() for p in plain.iterdir()}
+    # A folder of a person's files that merely looks like a run (weights and settings, no config.json).
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "model.safetensors").write_bytes(b"my weights")
+    (mine / "train_config.yaml").write_text("my notes\n")
+    one_line_error(run(data, "--model", base, "--out", mine, "--steps", 1), "did not write")
+    assert (mine / "model.safetensors").read_bytes() == b"my weights"
+    assert {p.name: p.read_bytes() for p in plain.iterdir()} == before
 
 
 # --- bad data ------------------------------------------------------------------------------------------
@@ -299,7 +310,7 @@ def test_missing_or_unreadable_images_everywhere_fail_before_any_step(data, tmp_
     (tmp_path / "junk.png").write_bytes(b"not a png")
     junk = jsonl(tmp_path / "junk.jsonl", [{**r, "image": str(tmp_path / "junk.png")} for r in rows(data, 4)])
     one_line_error(run(junk, "--model-config", "tiny-32", "--out", tmp_path / "b"), "none of its 4 images can be read")
-    assert not (tmp_path / "b" / "trainer_state.pt").exists()
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing left that looks usable
 
 
 def test_an_unreadable_image_is_skipped_and_counted_once(data, tmp_path):
@@ -326,7 +337,7 @@ def test_a_tokenizer_from_another_vocabulary_is_refused_before_training(data, ba
     started = []
     with pytest.raises(PaliGemmaError, match="tokenizer and model do not match"):
         Trainer(config(data, tmp_path / "r", model=str(ckpt), model_config=None), on_log=started.append)
-    assert not started and not (tmp_path / "r" / "trainer_state.pt").exists()
+    assert not started and not (tmp_path / "r").exists()
 
 
 # --- slow: a from-scratch run that learns (about a minute on one CPU core) ---------------------------
@@ -388,11 +399,11 @@ def test_sigterm_saves_like_ctrl_c(tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     # Wait for a first checkpoint: a signal inside optimizer.step() keeps the previous one, so one must exist.
-    while time.time() < deadline and not (out / "trainer_state.pt").exists():
+    while time.time() < deadline and not (out / "trainer_state.json").exists():
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "interrupted: saved step" in err
-    state = torch.load(out / "trainer_state.pt", weights_only=False)
+    state = load_state(out)
     assert state["step"] >= 1 and (out / "model.safetensors").exists()
