@@ -1,6 +1,6 @@
 """The shipped demo model still works: it loads by default and meets a floor on fresh shapes examples.
 
-The floors sit well below what `paligemma eval` measured on 1000 held-out examples (README), so a
+The floors sit well below what `paligemma eval` measured on 1000 held-out examples (docs/demo-model.md), so a
 broken model, tokenizer, processor or decoding step fails here, while noise on 100 examples does not.
 """
 
