@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from paligemma_cli.checkpoints.atomic import staged_folder
 from paligemma_cli.checkpoints.safetensors_io import SafetensorsReader, summarize_names, weight_files, write_safetensors
 from paligemma_cli.errors import PaliGemmaError
-from paligemma_cli.model.config import PaliGemmaConfig, SiglipConfig
+from paligemma_cli.model.config import ConfigFile, PaliGemmaConfig, SiglipConfig
 from paligemma_cli.model.paligemma import PaliGemma
 from paligemma_cli.model.siglip import DualEncoder
 from paligemma_cli.model.skeleton import empty_skeleton
@@ -185,7 +186,22 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: torch
             t = reader.tensor(key, dtype if src_dtype.is_floating_point else None)
         return {name: t.to(device)}
 
-    state = read_state(folder, dict(model.state_dict()), canonical_key, take, "a PaliGemma model")
+    # A vision config that does not say `vision_use_head: false` (SigLIP's default is true) comes with the
+    # tower's pooling head, which PaliGemma never uses: exactly those weights are passed over.
+    with_head = ConfigFile.read_json(folder / "config.json").get("vision_config", {}).get("vision_use_head", True)
+    head_keys = []
+
+    def rename(key: str) -> str | None:
+        name = canonical_key(key)
+        if with_head and name is not None and name.startswith("vision_tower.head."):
+            head_keys.append(key)
+            return None
+        return name
+
+    state = read_state(folder, dict(model.state_dict()), rename, take, "a PaliGemma model")
+    if head_keys:
+        warnings.warn(f"'{folder}' holds a SigLIP pooling head ({len(head_keys)} vision_tower.head.* tensors) "
+                      "that PaliGemma does not use; it is ignored")
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 

@@ -14,10 +14,11 @@ Every failure a user can fix becomes a one-line `PaliGemmaError`.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx2
-from huggingface_hub import constants, scan_cache_dir, snapshot_download
+from huggingface_hub import constants, scan_cache_dir, set_client_factory, snapshot_download
 from huggingface_hub.errors import (
     CacheNotFound,
     GatedRepoError,
@@ -28,6 +29,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.utils import tqdm as hf_tqdm
+from huggingface_hub.utils._http import default_client_factory, hf_request_event_hook
 
 from paligemma_cli.checkpoints.locate import CHECKPOINT_PATTERNS, EXAMPLE_REPO
 from paligemma_cli.errors import PaliGemmaError
@@ -41,12 +43,47 @@ class _NoProgress(hf_tqdm):
         super().__init__(*args, **kwargs)
 
 
+DEFAULT_TIMEOUT_S = 60.0
+
+
+class _DeadlineTransport(httpx2.HTTPTransport):
+    """Gives every request a time limit for connecting and for each read. huggingface_hub sends some
+    requests with `timeout=None`, and a server that accepts the connection but never answers would
+    otherwise hang a download forever; a limit per read still lets a slow, steady download finish."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        given = request.extensions.get("timeout") or {}
+        request.extensions["timeout"] = {k: self.seconds if given.get(k) is None else given[k]
+                                         for k in ("connect", "read", "write", "pool")}
+        return super().handle_request(request)
+
+
+@contextmanager
+def _requests_time_out(seconds: float):
+    """huggingface_hub's shared HTTP client, with every request limited to `seconds` per step, for the
+    duration of the block."""
+    def client() -> httpx2.Client:
+        return httpx2.Client(transport=_DeadlineTransport(seconds), follow_redirects=True,
+                             event_hooks={"request": [hf_request_event_hook]})
+
+    set_client_factory(client)
+    try:
+        yield
+    finally:
+        set_client_factory(default_client_factory)
+
+
 def download(
     repo_id: str,
     revision: str | None = None,
     token: str | None = None,
     local_dir: str | Path | None = None,
     progress: bool = True,
+    timeout: float = DEFAULT_TIMEOUT_S,
 ) -> Path:
     """Download the checkpoint files of `repo_id` and return the folder that holds them.
 
@@ -56,6 +93,8 @@ def download(
         token: a Hugging Face access token; else `HF_TOKEN`, else the token saved by `hf auth login`.
         local_dir: copy the files into this folder instead of the shared cache.
         progress: show progress bars on stderr.
+        timeout: seconds to wait for the Hub to connect and for each piece of data; a server that stops
+            answering fails the download after this long instead of hanging.
 
     Returns:
         The snapshot folder in the cache (or `local_dir`), containing `config.json`.
@@ -67,16 +106,19 @@ def download(
     token = token or os.environ.get("HF_TOKEN") or None
     # huggingface_hub reads HF_ENDPOINT once, at import; reading it again honours a mirror set later.
     endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    if not timeout > 0:
+        raise PaliGemmaError(f"--timeout must be a positive number of seconds, got {timeout}")
     try:
-        folder = snapshot_download(
-            repo_id,
-            revision=revision,
-            token=token,
-            local_dir=local_dir,
-            allow_patterns=CHECKPOINT_PATTERNS,
-            endpoint=endpoint,
-            tqdm_class=None if progress else _NoProgress,
-        )
+        with _requests_time_out(timeout):
+            folder = snapshot_download(
+                repo_id,
+                revision=revision,
+                token=token,
+                local_dir=local_dir,
+                allow_patterns=CHECKPOINT_PATTERNS,
+                endpoint=endpoint,
+                tqdm_class=None if progress else _NoProgress,
+            )
     except HFValidationError:
         raise PaliGemmaError(
             f"'{repo_id}' is not a model repository id; expected owner/name, e.g. {EXAMPLE_REPO}"
@@ -98,6 +140,9 @@ def download(
         # Offline, snapshot_download falls back to the cache and raises LocalEntryNotFoundError (caused by the
         # network error) when the repo is not there; a transfer that keeps breaking raises httpx2's error itself.
         cause = _network_cause(e)
+        if isinstance(cause, (httpx2.TimeoutException, TimeoutError)):
+            raise PaliGemmaError(f"the Hugging Face Hub at {endpoint} did not answer within {timeout:g} s; try again "
+                                 "later, or give it longer with --timeout SECONDS") from None
         if cause is None:
             raise PaliGemmaError(f"downloading '{repo_id}' failed: {_one_line(e)}") from None
         raise PaliGemmaError(

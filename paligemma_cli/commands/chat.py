@@ -93,6 +93,7 @@ def chat(
     picture = load_image(image) if image else None  # fail on a bad image before paying for the model
     console = stderr_console()
     pipe = load_pipeline(model, device, dtype, console, quantize=quantize, compile=compile, fast_layout=True)
+    pipe.max_prompt_tokens(opts.max_new_tokens)  # --max-tokens past the model's context: say so now
     session = ChatSession(pipe, opts, exact=exact)
     if compile:
         with console.status("compiling the decoder (once per session)") if console.is_terminal else nullcontext():

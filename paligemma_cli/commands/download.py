@@ -29,6 +29,10 @@ def download(
             "--local-dir", help="Put the files in this folder instead of the Hugging Face cache.", file_okay=False
         ),
     ] = None,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds to wait for the Hub to connect or send the next piece of "
+                                              "data before giving up.")
+    ] = 60.0,
 ) -> None:
     """Download a PaliGemma checkpoint and print the folder it is in.
 
@@ -52,5 +56,5 @@ def download(
     from paligemma_cli.checkpoints.hub import download as download_checkpoint
 
     typer.echo(f"downloading {repo_id}{f'@{revision}' if revision else ''} ...", err=True)
-    folder = download_checkpoint(repo_id, revision=revision, token=token, local_dir=local_dir)
+    folder = download_checkpoint(repo_id, revision=revision, token=token, local_dir=local_dir, timeout=timeout)
     typer.echo(str(folder))

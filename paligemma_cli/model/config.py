@@ -39,11 +39,32 @@ class ConfigFile:
         """The JSON object in `path`; a missing or malformed file is a one-line error."""
         path = Path(path)
         try:
-            return json.loads(path.read_text())
+            d = json.loads(path.read_text())
         except FileNotFoundError:
             raise PaliGemmaError(f"'{path.parent}' is not a checkpoint folder: it has no config.json") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise PaliGemmaError(f"'{path}' is not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise PaliGemmaError(f"'{path}' must hold a JSON object, not {type(d).__name__}")
+        for name in ("vision_config", "text_config"):
+            if d.get(name) is not None and not isinstance(d[name], dict):
+                raise PaliGemmaError(f"'{path}': {name} must be a JSON object, not {type(d[name]).__name__}")
+        return d
+
+    @classmethod
+    def parse(cls, d: dict, path: str | Path):
+        """`from_dict(d)` with every field checked: a value of the wrong type or size is a one-line error
+        naming `path` (a config.json from elsewhere must not fail later, deep in the model)."""
+        try:
+            cfg = cls.from_dict(d)
+        except (TypeError, ValueError, AttributeError) as e:
+            raise PaliGemmaError(f"'{path}' has a value of the wrong kind ({e})") from None
+        for part_name in ("vision", "text"):
+            part = getattr(cfg, part_name)
+            for f in dataclasses.fields(part):
+                _check_field(path, f"{part_name}_config.{f.name}", getattr(part, f.name), f.type)
+        cfg.check_shapes(path)
+        return cfg
 
     @classmethod
     def from_name(cls, name: str, **overrides):
@@ -172,7 +193,19 @@ class PaliGemmaConfig(ConfigFile):
             raise PaliGemmaError(f"'{path}' describes a {d.get('model_type')!r} model, not a PaliGemma one")
         if "text_config" not in d:
             raise PaliGemmaError(f"'{path}' has no text_config: it is not a PaliGemma config")
-        return cls.from_dict(d)
+        return cls.parse(d, path)
+
+    def check_shapes(self, path) -> None:
+        v, t = self.vision, self.text
+        _check_field(path, "image_token_index", self.image_token_id, "int")
+        if v.hidden_size % v.num_attention_heads or v.image_size % v.patch_size:
+            raise PaliGemmaError(f"'{path}': the vision tower's sizes do not fit together (hidden {v.hidden_size}, "
+                                 f"{v.num_attention_heads} heads, image {v.image_size}, patch {v.patch_size})")
+        if t.num_attention_heads % t.num_key_value_heads:
+            raise PaliGemmaError(f"'{path}': {t.num_attention_heads} attention heads cannot share "
+                                 f"{t.num_key_value_heads} key/value heads")
+        if t.layer_types is not None and len(t.layer_types) != t.num_hidden_layers:
+            raise PaliGemmaError(f"'{path}': layer_types names {len(t.layer_types)} layers, not {t.num_hidden_layers}")
 
     def to_dict(self) -> dict:
         """The Hugging Face layout, loadable by `transformers.PaliGemmaConfig` too."""
@@ -214,6 +247,27 @@ class PaliGemmaConfig(ConfigFile):
 
 
 _GEMMA2_LAYERS = lambda n: ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]  # noqa: E731
+
+
+_POSITIVE = {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+             "head_dim", "vocab_size", "image_size", "patch_size", "num_channels", "max_position_embeddings"}
+
+
+def _check_field(path, name: str, value, annotation: str) -> None:
+    """`value` has the type the dataclass annotation names ("int", "float | None", "list[str] | None")."""
+    optional = annotation.endswith("| None")
+    kind = annotation.removesuffix("| None").strip()
+    if value is None and optional:
+        return
+    ok = {"int": isinstance(value, int) and not isinstance(value, bool),
+          "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+          "str": isinstance(value, str),
+          "list[str]": isinstance(value, list) and all(isinstance(x, str) for x in value)}.get(kind, True)
+    if not ok:
+        raise PaliGemmaError(f"'{path}': {name} must be {kind.replace('list[str]', 'a list of names')}, "
+                             f"got {value!r}")
+    if name.split(".")[-1] in _POSITIVE and value < 1:
+        raise PaliGemmaError(f"'{path}': {name} must be at least 1, got {value!r}")
 
 
 def _text_config_from_dict(t: dict) -> TextConfig:
@@ -369,7 +423,12 @@ class SiglipConfig(ConfigFile):
         if d.get("model_type") != "siglip":
             raise PaliGemmaError(f"'{path}' describes a {d.get('model_type')!r} model, not a SigLIP dual encoder "
                                  "(model_type 'siglip')")
-        return cls.from_dict(d)
+        return cls.parse(d, path)
+
+    def check_shapes(self, path) -> None:
+        v, t = self.vision, self.text
+        if v.hidden_size % v.num_attention_heads or t.hidden_size % t.num_attention_heads:
+            raise PaliGemmaError(f"'{path}': the towers' widths do not divide into their heads")
 
     def to_dict(self) -> dict:
         """The HF layout, loadable by `transformers.SiglipModel.from_pretrained`."""

@@ -51,12 +51,21 @@ class SiglipTokenizer:
 
     @classmethod
     def from_folder(cls, folder: str | Path, text_config) -> "SiglipTokenizer":
-        """The folder's tokenizer, padding to the text tower's positions with the config's pad and eos ids."""
+        """The folder's tokenizer, padding to the text tower's positions.
+
+        `</s>` ends and pads a text, as `transformers`' `SiglipTokenizer` does, and its id comes from the
+        tokenizer itself: a `config.json` written by `transformers` carries its CLIP-sized defaults
+        (`eos_token_id: 49407`), which `transformers` never uses for SigLIP and which lie outside the
+        embedding table of a 32k vocabulary.
+        """
         folder = Path(folder)
         for name in TOKENIZER_FILES:
             if (folder / name).is_file():
-                tok = cls.from_file(folder / name, text_config.max_position_embeddings,
-                                    text_config.pad_token_id, text_config.eos_token_id)
+                sp = load_sentencepiece(folder / name)
+                eos = sp.eos_id() if sp.eos_id() >= 0 else sp.piece_to_id("</s>")
+                if eos < 0 or sp.id_to_piece(eos) != "</s>":
+                    raise PaliGemmaError(f"'{folder / name}' has no </s> piece: it is not a SigLIP tokenizer")
+                tok = cls(sp, text_config.max_position_embeddings, eos, eos, folder / name)
                 if tok.vocab_size > text_config.vocab_size:
                     raise PaliGemmaError(f"'{folder / name}' has {tok.vocab_size} pieces but the model only "
                                          f"{text_config.vocab_size} embeddings: it belongs to another model")
