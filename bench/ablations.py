@@ -1,9 +1,11 @@
 """What each inference optimisation gives: switch one off at a time and measure TTFT and decode speed.
 
-Loads one checkpoint (as `bench/speed.py` builds it: `demo`, `mid`, `paligemma-3b-224`, ...) and runs
-this project's generation (`generate_tokens`, batch 1, prompt "caption en", greedy, exactly
-`--new-tokens` tokens) with everything on ("baseline") and with each optimisation undone in turn. The
-undoing is a patch applied only inside this script, for the length of one measurement:
+Loads one checkpoint (as `common.prepare` builds it: `demo`, `mid`, `paligemma-3b-224`, ...) with the fast
+CPU layout (`use_fast_cpu_layout`, as chat, caption of 4+ images and eval load) and runs this project's
+generation (`generate_tokens`, batch 1, prompt "caption en", greedy, exactly `--new-tokens` tokens) with
+everything on ("baseline") and with each optimisation undone in turn. The undoing is a patch of
+`paligemma_cli.model.gemma` / `paligemma_cli.model.kv_cache` applied only inside this script, for the
+length of one measurement:
 
   sdpa          `F.scaled_dot_product_attention` -> softmax(q k^T * scale + bias) v written out
                 (in the vision tower too)
@@ -16,8 +18,8 @@ undoing is a patch applied only inside this script, for the length of one measur
   bias-once     one attention bias per forward pass -> one per layer
 
 plus "stock-layout", a second load of the same checkpoint kept in memory beside the first and measured
-in the same rotation: the weights as loaded, without `use_fast_cpu_layout` (bf16: no oneDNN packing;
-fp32: row-major); and, measured from separate loads afterwards: float32 instead of bfloat16 weights, and
+in the same rotation: the weights as loaded, without `use_fast_cpu_layout` (bf16: no oneDNN packing and
+no merged projections; fp32: row-major); and, measured from separate loads afterwards: float32 instead of bfloat16 weights, and
 1 thread instead of all physical cores. After one uncounted warm-up run, each repetition runs every
 variant once, the order rotated by one place per repetition, so drift hits all alike; the table gives medians and each variant's ratio to the baseline (decode
 tokens/s: ablated / baseline, below 1 means the optimisation helps; TTFT: ablated / baseline, above
@@ -34,19 +36,25 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
-sys.path.insert(0, str(BENCH.parent))
+import torch
+import torch.nn.functional as F
+from common import (
+    DEFAULT_CACHE,
+    load,
+    log,
+    machine_info,
+    machine_line,
+    median,
+    prepare,
+    release_memory,
+    run_b1,
+    set_threads,
+)
 
-import speed  # noqa: E402  (bench/speed.py: checkpoints, loading, timing)
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from paligemma_cli.model import gemma, paligemma  # noqa: E402
-from paligemma_cli.model.kv_cache import KVCache  # noqa: E402
+from paligemma_cli.model import gemma
+from paligemma_cli.model.kv_cache import KVCache
 
 
 @contextlib.contextmanager
@@ -100,17 +108,19 @@ def all_logits():
 
 
 def repeat_kv():
-    """GQA the plain way: K/V repeated to one head per query head before attention."""
+    """GQA the plain way: K/V repeated to one head per query head before attention. (`project` gives
+    q, k, v of a `GemmaAttention` and of the merged-projection `FusedGemmaAttention` the fast layout uses.)"""
 
     def forward(self, x, cos, sin, bias, cache=None, last_only=False):
         B, T, _ = x.shape
         H, KV, hd = self.n_heads, self.n_kv, self.head_dim
         G = H // KV
-        k = gemma.apply_rope_folded(self.k_proj(x).view(B, T, KV, hd), cos, sin).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, KV, hd).transpose(1, 2)
+        q, k, v = self.project(x, last_only)
+        k = gemma.apply_rope_folded(k.view(B, T, KV, hd), cos, sin).transpose(1, 2)
+        v = v.view(B, T, KV, hd).transpose(1, 2)
         if last_only:
-            x, cos, sin, T = x[:, -1:], cos[:, -1:], sin[:, -1:], 1
-        q = gemma.apply_rope_folded(self.q_proj(x).view(B, T, H, hd), cos, sin).transpose(1, 2)  # (B, H, T, hd)
+            cos, sin, T = cos[:, -1:], sin[:, -1:], 1
+        q = gemma.apply_rope_folded(q.view(B, T, H, hd), cos, sin).transpose(1, 2)  # (B, H, T, hd)
         if cache is not None:
             k, v = cache.write(self.layer_idx, k, v)
         k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)  # (B, H, S, hd)
@@ -169,10 +179,6 @@ PATCHES = {
 # --- measuring -----------------------------------------------------------------------------------
 
 
-def run_once(pipe, batch, new_tokens: int, pad_id: int) -> dict:
-    return speed.generate("ours", pipe, batch, new_tokens, pad_id)
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="mid", help="demo, mid, or a preset name (paligemma-3b-224, ...)")
@@ -182,61 +188,60 @@ def main(argv=None) -> dict:
     ap.add_argument("--skip", default="", help="comma list of variants to leave out (e.g. fp32,1-thread)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
-    threads = args.threads or speed.physical_cores()
-    torch.set_num_threads(threads)
+    threads = set_threads(args.threads)
     skip = set(filter(None, args.skip.split(",")))
-    prep = speed.prepare(args.config, Path.home() / ".cache" / "paligemma-bench", need_hf=False)
-    batch, pad_id = prep["inputs"]["b1"], prep["inputs"]["pad_id"]
+    machine = machine_info()
+    print(machine_line(machine))
+    prep = prepare(args.config, DEFAULT_CACHE, need_hf=False)
     dtype = "fp32" if args.config == "demo" else "bf16"
-    speed.log(f"{args.config}: {prep['folder']} in {dtype}, {threads} threads, {args.new_tokens} new tokens")
+    log(f"{args.config}: {prep['folder']} in {dtype}, {threads} threads, {args.new_tokens} new tokens")
 
     results: dict[str, list[dict]] = {}
 
     def record(name, r):
         results.setdefault(name, []).append(r)
         if r["ids"] != reference:
-            speed.log(f"  {name}: greedy tokens differ from the baseline's")
+            log(f"  {name}: greedy tokens differ from the baseline's")
             r["same_tokens"] = False
 
-    pipe = speed.load("ours", prep["folder"], dtype, None)
-    reference = run_once(pipe, batch, args.new_tokens, pad_id)["ids"]  # warm-up (faults the weights in), not counted
+    pipe = load("ours", prep["folder"], dtype, None, fast=True)  # every optimisation on
+    reference = run_b1(pipe, prep, args.new_tokens)["ids"]  # warm-up (faults the weights in), not counted
     names = ["baseline"] + [n for n in PATCHES if n not in skip]
     pipes = dict.fromkeys(names, pipe)
     if "stock-layout" not in skip:
-        with patched(paligemma.PaliGemma, "use_fast_cpu_layout", lambda self: self):
-            pipes["stock-layout"] = speed.load("ours", prep["folder"], dtype, None)
-        run_once(pipes["stock-layout"], batch, args.new_tokens, pad_id)  # warm-up, not counted
+        pipes["stock-layout"] = load("ours", prep["folder"], dtype, None)  # no use_fast_cpu_layout
+        run_b1(pipes["stock-layout"], prep, args.new_tokens)  # warm-up, not counted
         names.append("stock-layout")
     for rep in range(args.reps):
         order = names[rep % len(names):] + names[:rep % len(names)]  # each variant takes each turn in time
         for name in order:
             with PATCHES[name]() if name in PATCHES else contextlib.nullcontext():
-                record(name, run_once(pipes[name], batch, args.new_tokens, pad_id))
-        speed.log(f"rep {rep + 1}/{args.reps}: " + ", ".join(
+                record(name, run_b1(pipes[name], prep, args.new_tokens))
+        log(f"rep {rep + 1}/{args.reps}: " + ", ".join(
             f"{k} {v[-1]['decode_tok_s']:.2f} tok/s {v[-1]['ttft_s']:.2f} s" for k, v in results.items()))
     if "1-thread" not in skip and threads > 1:
         torch.set_num_threads(1)
         for _ in range(args.reps):
-            record("1-thread", run_once(pipe, batch, args.new_tokens, pad_id))
+            record("1-thread", run_b1(pipe, prep, args.new_tokens))
         torch.set_num_threads(threads)
     del pipe, pipes
-    speed.release_memory()
+    release_memory()
     other = "bf16" if dtype == "fp32" else "fp32"
     if other not in skip:
-        pipe = speed.load("ours", prep["folder"], other, None)
-        run_once(pipe, batch, args.new_tokens, pad_id)  # warm-up, not counted
+        pipe = load("ours", prep["folder"], other, None, fast=True)
+        run_b1(pipe, prep, args.new_tokens)  # warm-up, not counted
         for _ in range(args.reps):
-            r = run_once(pipe, batch, args.new_tokens, pad_id)
+            r = run_b1(pipe, prep, args.new_tokens)
             r.pop("ids")  # another dtype may round to other tokens; not a failure
             results.setdefault(other, []).append(r)
         del pipe
-        speed.release_memory()
+        release_memory()
 
-    base = {k: speed.median([r[k] for r in results["baseline"]]) for k in ("ttft_s", "decode_tok_s")}
+    base = {k: median([r[k] for r in results["baseline"]]) for k in ("ttft_s", "decode_tok_s")}
     table = {}
     for name, runs in results.items():
-        ttft = speed.median([r["ttft_s"] for r in runs])
-        tok_s = speed.median([r["decode_tok_s"] for r in runs])
+        ttft = median([r["ttft_s"] for r in runs])
+        tok_s = median([r["decode_tok_s"] for r in runs])
         table[name] = {"ttft_s": round(ttft, 4), "decode_tok_s": round(tok_s, 3),
                        "ttft_vs_baseline": round(ttft / base["ttft_s"], 3),
                        "decode_vs_baseline": round(tok_s / base["decode_tok_s"], 3),
@@ -246,7 +251,8 @@ def main(argv=None) -> dict:
         print(f"{name:<16}{row['ttft_s']:>10.3f}{row['ttft_vs_baseline']:>8.2f}{row['decode_tok_s']:>14.2f}"
               f"{row['decode_vs_baseline']:>8.2f}  {row['same_tokens'] if name not in ('fp32', 'bf16') else '-'}")
     out = {"config": args.config, "dtype": dtype, "threads": threads, "new_tokens": args.new_tokens,
-           "reps": args.reps, "cpu": speed.cpu_model(), "torch": torch.__version__, "variants": table}
+           "reps": args.reps, "cpu": machine["cpu"], "torch": torch.__version__, "variants": table,
+           "machine": machine}
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
     return out

@@ -8,7 +8,7 @@ Each figure is timed twice: by the wall clock (what a user sees) and by the thre
 (`time.thread_time`), which leaves out the time the process waited for a core on a busy machine.
 
 Also measures how often the reused-cache answers equal the exact (`paligemma ask`) answers, since
-cached image tokens never see the question (see `core/chat_session.py`).
+cached image tokens never see the question (see `paligemma_cli/inference/chat_session.py`).
 
     .venv/bin/python bench/chat_ttft.py                        # the built-in demo model (as `paligemma chat`)
     .venv/bin/python bench/chat_ttft.py --model runs/demo      # a checkpoint folder
@@ -27,51 +27,18 @@ import json
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 import types
 from contextlib import contextmanager
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import ROOT, load_pipeline, machine_info, machine_line
 
-import paligemma_cli.inference.chat_session as chat_session_module  # noqa: E402
-import paligemma_cli.inference.pipeline as pipeline_module  # noqa: E402
-from paligemma_cli.inference.chat_session import ChatSession  # noqa: E402
-from paligemma_cli.inference.generate import SamplingOptions  # noqa: E402
-from paligemma_cli.inference.pipeline import Pipeline  # noqa: E402
-
-
-def random_demo_pipeline(device: str, image_size: int | None = None) -> Pipeline:
-    """A random model of the `demo-64` shape with the tiny test tokenizer (no trained model needed)."""
-    import torch
-
-    from paligemma_cli.model.config import PaliGemmaConfig
-    from paligemma_cli.model.paligemma import PaliGemma
-    from paligemma_cli.processing.processor import PaliGemmaProcessor
-    from paligemma_cli.processing.tokenizer import PaliGemmaTokenizer
-    from tests.tokenizer_fixture import make_tiny_tokenizer
-
-    folder = Path(tempfile.mkdtemp())
-    tok = PaliGemmaTokenizer.from_file(make_tiny_tokenizer(folder))
-    cfg = PaliGemmaConfig.from_name("demo-64", image_token_id=tok.image_token_id)
-    if image_size:
-        cfg.vision.image_size = image_size
-    torch.manual_seed(0)
-    model = PaliGemma(cfg).to(device).eval()
-    return Pipeline(model, tok, PaliGemmaProcessor(tok, cfg.image_size, cfg.num_image_tokens), folder)
-
-
-def load(model: str, device: str, dtype: str, image_size: int | None) -> tuple[Pipeline, str]:
-    if model == "demo":
-        from paligemma_cli.settings import DEMO_MODEL
-
-        return Pipeline.load(DEMO_MODEL, device, dtype), f"built-in demo model ({DEMO_MODEL})"
-    if model != "none" and Path(model).is_dir():
-        return Pipeline.load(model, device, dtype), model
-    return random_demo_pipeline(device, image_size), "random demo-64"
-
+import paligemma_cli.inference.chat_session as chat_session_module
+import paligemma_cli.inference.pipeline as pipeline_module
+from paligemma_cli.inference.chat_session import ChatSession
+from paligemma_cli.inference.generate import SamplingOptions
+from paligemma_cli.inference.pipeline import Pipeline
 
 CPU_CLOCK = types.SimpleNamespace(perf_counter=time.thread_time)
 
@@ -174,7 +141,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     print("command:", shlex.join([Path(sys.executable).name, *sys.argv]))
-    pipe, name = load(args.model, args.device, args.dtype, args.image_size)
+    print(machine_line(machine_info()))
+    pipe, name = load_pipeline(args.model, args.device, args.dtype, args.image_size)
     if args.compile:
         pipe.compile()
         name += ", --compile"

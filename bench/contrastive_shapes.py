@@ -22,17 +22,15 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import torch
+from common import machine_info, machine_line
 
-import torch  # noqa: E402
-
-from paligemma_cli.checkpoints.hf import load_dual_encoder  # noqa: E402
-from paligemma_cli.data.jsonl import read_jsonl  # noqa: E402
-from paligemma_cli.data.shapes import write_dataset  # noqa: E402
-from paligemma_cli.evaluation.retrieval import evaluate_retrieval, match_matrix  # noqa: E402
-from paligemma_cli.processing.siglip_tokenizer import SiglipTokenizer  # noqa: E402
-from paligemma_cli.training.contrastive import run_contrastive_training  # noqa: E402
+from paligemma_cli.checkpoints.hf import load_dual_encoder
+from paligemma_cli.data.jsonl import read_jsonl
+from paligemma_cli.data.shapes import write_dataset
+from paligemma_cli.evaluation.retrieval import evaluate_retrieval, match_matrix
+from paligemma_cli.processing.siglip_tokenizer import SiglipTokenizer
+from paligemma_cli.training.contrastive import run_contrastive_training
 
 
 def main() -> None:
@@ -53,6 +51,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    machine = machine_info()
+    print(machine_line(machine), file=sys.stderr)  # stdout is the JSON line alone
 
     work = Path(tempfile.mkdtemp(prefix="contrastive-shapes-"))
     # Caption lines only (in the full task mix only 20 % are captions); the same files as
@@ -84,7 +84,7 @@ def main() -> None:
         "batch_size": args.batch_size, "train_pairs": args.n_train, "test_pairs": report.n, "device": args.device,
         "train_seconds": round(train_s, 1), "final_loss": round(summary["loss"], 4),
         **{k: v for k, v in report.as_dict().items() if k.endswith("image") or k.endswith("text")},
-        "chance_r1": round(chance_r1, 2),
+        "chance_r1": round(chance_r1, 2), "machine": machine,
     }))
 
 

@@ -1,8 +1,8 @@
 """Peak memory of LoRA fine-tuning a full-size PaliGemma with `paligemma train`'s defaults.
 
-Writes a random checkpoint of a published config (bf16 on disk, as the hub's v2 files), a tiny
-dataset at the model's resolution, then runs the real command in a child process and reads its peak
-RSS. Not a test: it needs ~14 GB of RAM and minutes of CPU.
+Writes a random checkpoint of a published config (bf16 on disk, as the hub's v2 files) and a tiny
+dataset at the model's resolution (`common.write_lora_checkpoint`, once), then runs the real command in a
+child process and reads its peak RSS. Not a test: it needs ~14 GB of RAM and minutes of CPU.
 
     python bench/lora_memory.py --config paligemma2-3b-224 --steps 1 --work /tmp/lora-bench
 """
@@ -18,9 +18,11 @@ import sys
 import time
 from pathlib import Path
 
+from common import machine_info, machine_line, write_lora_checkpoint
+
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="paligemma2-3b-224")
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=1)
@@ -28,38 +30,10 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/lora-bench")
     args = ap.parse_args()
 
-    import torch
-
-    from paligemma_cli.data.shapes import write_dataset
-    from paligemma_cli.model.config import PaliGemmaConfig
-    from paligemma_cli.model.paligemma import PaliGemma
-    from paligemma_cli.processing.tokenizer import PaliGemmaTokenizer
-    from paligemma_cli.training.tokenizer_training import train_tokenizer
-
+    machine = machine_info()
+    print(machine_line(machine), file=sys.stderr)  # stdout is the JSON line alone
     work = Path(args.work)
-    ckpt = work / args.config
-    cfg = PaliGemmaConfig.from_name(args.config)
-    if not (ckpt / "model.safetensors.index.json").exists():
-        t0 = time.perf_counter()
-        data = write_dataset(work / "data", n=16, seed=0, image_size=cfg.image_size)
-        # A real vocabulary needs the real tokenizer; a small one with the same special layout is enough
-        # here. The embedding keeps the published shape (257216 rows); only <image>'s id follows the
-        # small tokenizer, as `train` checks that the two agree.
-        texts = [json.loads(l)["suffix"] for l in data.read_text().splitlines()]
-        tok_dir = work / "tok"
-        tok_dir.mkdir(parents=True, exist_ok=True)
-        train_tokenizer(texts, tok_dir / "tokenizer.model", vocab_size=320)
-        image_token_id = PaliGemmaTokenizer.from_file(tok_dir / "tokenizer.model").image_token_id
-        cfg = PaliGemmaConfig.from_name(args.config, image_token_id=image_token_id)
-        with torch.device("meta"):
-            model = PaliGemma(cfg)
-        model = model.to_empty(device="cpu").to(torch.bfloat16)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.normal_(0, 0.02)
-        model.save_pretrained(ckpt, tokenizer_dir=tok_dir, max_shard_bytes=2_000_000_000)
-        del model
-        print(f"wrote {ckpt} in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    ckpt = write_lora_checkpoint(args.config, work)
     out = work / "run"
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "paligemma_cli", "train", str(work / "data" / "data.jsonl"), "--model", str(ckpt),
@@ -74,7 +48,8 @@ def main() -> None:
     print(json.dumps({"config": args.config, "steps": args.steps, "batch_size": args.batch_size,
                       "gradient_checkpointing": args.gradient_checkpointing, "returncode": proc.returncode,
                       "peak_rss_gb": round(peak_gb, 2), "wall_s": round(wall, 1),
-                      "summary": proc.stdout.strip()[-500:], "stderr_tail": proc.stderr.strip()[-500:]}))
+                      "summary": proc.stdout.strip()[-500:], "stderr_tail": proc.stderr.strip()[-500:],
+                      "machine": machine}))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""bench/speed.py: its roofline arithmetic, and a short run on the demo model (ours only, no children)."""
+"""bench/common.py's roofline arithmetic, and a short bench/speed.py run on the demo model (ours only, no children)."""
 
 import importlib.util
 import json
@@ -10,31 +10,32 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "speed.py"
+COMMON = ROOT / "bench" / "common.py"
 
 
-def load_speed():
-    spec = importlib.util.spec_from_file_location("bench_speed", SCRIPT)
+def load_common():
+    spec = importlib.util.spec_from_file_location("bench_common", COMMON)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_decode_bytes_of_paligemma_3b():
-    speed = load_speed()
+    common = load_common()
     from paligemma_cli.model.config import PaliGemmaConfig
 
-    shapes = speed.linear_shapes(PaliGemmaConfig.from_name("paligemma-3b-224"))
+    shapes = common.linear_shapes(PaliGemmaConfig.from_name("paligemma-3b-224"))
     # Per layer q, o 2048x2048, k, v 256x2048, gate, up, down 16384x2048; 18 layers; the head once.
     per_layer = 2 * 2048 * 2048 + 2 * 256 * 2048 + 3 * 16384 * 2048
-    assert speed.decode_bytes(shapes, 2) == 2 * (18 * per_layer + 257216 * 2048)
+    assert common.decode_bytes(shapes, 2) == 2 * (18 * per_layer + 257216 * 2048)
 
 
 def test_prefill_work_scales_with_batch_and_skips_the_last_layers_tail():
-    speed = load_speed()
+    common = load_common()
     from paligemma_cli.model.config import PaliGemmaConfig
 
     cfg = PaliGemmaConfig.from_name("paligemma-3b-224", text__num_hidden_layers=2)
-    one, eight = speed.prefill_flops(cfg, 262, 1), speed.prefill_flops(cfg, 262, 8)
+    one, eight = common.prefill_flops(cfg, 262, 1), common.prefill_flops(cfg, 262, 8)
     assert eight["total_flops"] == 8 * one["total_flops"]
     # The last layer runs its MLP for one position: of the 262-row (16384, 2048) matmuls only the first
     # layer's gate and up remain; the last layer's are one-row (with the head) in `last_token`.
@@ -67,3 +68,19 @@ def test_short_demo_run_writes_consistent_json(tmp_path):
     assert frac["ttft"] == pytest.approx(roof["ttft_s"] / row["ttft_s"]["median"])
     assert frac["caption_b8"] == pytest.approx(row["caption_img_s_b8"]["median"] / roof["caption_img_s_b8"])
     assert "decode" in p.stdout and "roofline" in p.stdout  # the tables went to stdout
+    machine = report["machine"]  # which CPU class produced the file
+    assert machine["cpu"] == report["cpu"] and machine["torch"] == report["torch"]
+    assert machine["physical_cores"] >= 1 and set(machine["env"]) == {"ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA"}
+    assert "machine:" in p.stdout
+
+
+def test_machine_info_names_the_cpu_class(monkeypatch):
+    common = load_common()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    info = common.machine_info()
+    assert info["cpu"] and info["torch"] and info["torch_cpu_capability"]
+    assert set(info["cpu_flags"]) <= set(common.SPEED_FLAGS)
+    assert set(info["env"]) == {"ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA"}
+    assert info["env"]["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+    line = common.machine_line(info)
+    assert line.startswith("machine: ") and info["cpu"] in line and "ONEDNN_MAX_CPU_ISA=AVX2" in line
