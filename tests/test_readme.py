@@ -245,6 +245,7 @@ argparse.ArgumentParser.parse_args = parse_then_stop
 verdicts = []
 for script, args in json.loads(sys.stdin.read()):
     sys.argv = [script, *args]
+    sys.path.insert(0, str(__import__("pathlib").Path(script).resolve().parent))  # as `python script` does
     try:
         runpy.run_path(script, run_name="__main__")
         verdicts.append("the script did not parse arguments")

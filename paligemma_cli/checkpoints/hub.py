@@ -108,6 +108,12 @@ def download(
     endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
     if not timeout > 0:
         raise PaliGemmaError(f"--timeout must be a positive number of seconds, got {timeout}")
+    if local_dir is not None:
+        target = Path(local_dir).expanduser()
+        downloaded_before = (target / ".cache" / "huggingface").is_dir()  # huggingface_hub's own record
+        if target.is_dir() and any(target.iterdir()) and not downloaded_before:
+            raise PaliGemmaError(f"--local-dir '{local_dir}' holds files that were not downloaded here; "
+                                 "choose an empty or new folder")
     try:
         with _requests_time_out(timeout):
             folder = snapshot_download(

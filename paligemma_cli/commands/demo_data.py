@@ -38,6 +38,7 @@ def demo_data(
         paligemma demo-data data/shapes-captions --n 60000 --seed 0 --task caption
     """
     from paligemma_cli.errors import PaliGemmaError
+    from paligemma_cli.outputs import is_marked
 
     if n < 1:
         raise PaliGemmaError(f"--n must be at least 1, got {n}")
@@ -53,6 +54,9 @@ def demo_data(
         raise PaliGemmaError(f"{out} exists and is not a folder; choose another path")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise PaliGemmaError(f"{out} is not empty; choose a new folder or pass --force to write into it")
+    mine = [name for name in ("data.jsonl", "images") if (out / name).exists()]
+    if mine and not is_marked(out):  # --force adds to a folder; it never replaces a person's dataset
+        raise PaliGemmaError(f"{out} holds {' and '.join(mine)} that this tool did not write; choose another folder")
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 
 from PIL import Image, ImageDraw
 
+from paligemma_cli.outputs import mark_folder
 from paligemma_cli.processing.locations import Box, format_detections
 
 SHAPES = ("circle", "square", "triangle")
@@ -252,6 +253,7 @@ def write_dataset(
     cycle = task_cycle(tasks)  # a bad task list fails before anything is written
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    mark_folder(out_dir, "dataset")
     final = out_dir / "data.jsonl"
     partial = out_dir / "data.jsonl.partial"  # renamed at the end: a data.jsonl is always complete
     with partial.open("w", encoding="utf-8", newline="\n") as f:

@@ -18,6 +18,7 @@ import hashlib
 import json
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -388,3 +389,48 @@ def test_no_model_configured(monkeypatch, tmp_path):
     assert default_model_source() == "none"
     with pytest.raises(PaliGemmaError, match="no model is configured: pass --model, set PALIGEMMA_MODEL"):
         resolve_model(None)
+
+
+def test_a_silent_hub_times_out_with_one_line(monkeypatch):
+    """A server that accepts the connection and never answers: one line after --timeout, not a hang."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    accepted = []
+    stop = threading.Event()
+
+    def accept_and_say_nothing():
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept_and_say_nothing, daemon=True)
+    thread.start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{listener.getsockname()[1]}")
+    try:
+        started = time.monotonic()
+        result = run("google/paligemma-tiny", "--timeout", "1")
+        elapsed = time.monotonic() - started
+    finally:
+        stop.set()
+        thread.join()
+        for conn in accepted:
+            conn.close()
+        listener.close()
+    assert result.exit_code == 1 and accepted
+    assert result.stderr.splitlines()[-1].startswith("error: ") and "did not answer within 1 s" in result.stderr
+    assert "--timeout" in result.stderr and elapsed < 30
+
+
+def test_local_dir_must_not_hold_other_files(hub, tmp_path):
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "config.json").write_text("{\"my\": \"own\"}")
+    result = run("google/paligemma-tiny", "--local-dir", str(target))
+    assert result.exit_code == 1 and "not downloaded here" in result.stderr
+    assert (target / "config.json").read_text() == '{"my": "own"}'
+    assert run("google/paligemma-tiny", "--local-dir", str(tmp_path / "new")).exit_code == 0
+    assert run("google/paligemma-tiny", "--local-dir", str(tmp_path / "new")).exit_code == 0  # again: resumes

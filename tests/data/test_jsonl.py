@@ -111,6 +111,16 @@ def test_command_refuses_a_non_empty_folder_without_force(invoke, tmp_path):
     assert (tmp_path / "keep.txt").read_text() == "mine"
 
 
+def test_force_never_replaces_a_dataset_this_tool_did_not_write(invoke, tmp_path):
+    (tmp_path / "data.jsonl").write_text('{"image": "mine.png", "prefix": "caption en", "suffix": "mine"}\n')
+    result = invoke(tmp_path, "--n", 3, "--force")
+    assert result.exit_code == 1 and "did not write" in result.stderr
+    assert "mine" in (tmp_path / "data.jsonl").read_text()
+    assert invoke(tmp_path / "ours", "--n", 2).exit_code == 0
+    assert invoke(tmp_path / "ours", "--n", 3, "--force").exit_code == 0  # its own: rewritten
+    assert len(read_jsonl(tmp_path / "ours" / "data.jsonl")) == 3
+
+
 def test_command_task_keeps_only_those_tasks(invoke, tmp_path):
     """`--task caption` writes the caption lines of scenes 0..n-1 (the pairs contrastive training uses);
     two tasks keep their 20 % : 10 % proportion from the full mix."""
