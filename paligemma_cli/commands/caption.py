@@ -53,7 +53,7 @@ def caption(
     """
     from paligemma_cli.commands.common import FAST_LAYOUT_MIN_JOBS, load_pipeline, sampling_options, stderr_console
     from paligemma_cli.errors import PaliGemmaError
-    from paligemma_cli.outputs import check_output_file, open_output
+    from paligemma_cli.outputs import check_output_file, open_output, why
     from paligemma_cli.processing.image import load_image
     from paligemma_cli.processing.text import check_text
 
@@ -104,12 +104,20 @@ def caption(
                 if loaded:
                     texts = pipe.generate(loaded, [prompt] * len(loaded), opts)
                     for name, text in zip(names, texts):
-                        write(name, text)
+                        try:
+                            write(name, text)
+                        except OSError as e:  # a full disk: the records written so far stay
+                            where = f"'{out}'" if out else "to stdout"
+                            raise PaliGemmaError(f"cannot write {where}: {why(e)}; {ok} caption(s) were written"
+                                                 ) from None
                         ok += 1
                 progress.update(task, advance=len(chunk), rate=f"{ok / (time.perf_counter() - t0):.2f} img/s")
     finally:
         if out:
-            stream.close()
+            try:
+                stream.close()
+            except OSError:
+                pass  # every record is flushed as it is written: only the write that failed has anything left
     elapsed = time.perf_counter() - t0
     console.print(f"captioned {ok} image(s) in {elapsed:.1f}s ({ok / elapsed if elapsed else 0:.2f} img/s)"
                   + (f"; {len(failed)} unreadable: {', '.join(failed[:5])}{' …' if len(failed) > 5 else ''}" if failed else ""),

@@ -85,6 +85,8 @@ def test_npz_round_trip_gives_the_same_logits(variant, dtype, batch, tmp_path):
     result = run_cli(npz, tmp_path / "out", *flags)
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(tmp_path / "out")
+    if variant == "gemma2":  # the settings the decoder will run with are said, on stderr
+        assert "attention soft-cap 1.5, final soft-cap 2.5, sliding window 6, query scale 20" in result.stderr
     converted = load_model(tmp_path / "out")
     assert converted.config.to_dict() == model.config.to_dict()
     assert converted.dtype == dtype

@@ -153,3 +153,31 @@ def test_config_round_trip_and_overrides():
     assert cfg.num_image_tokens == 1024
     again = PaliGemmaConfig.from_dict(cfg.to_dict())
     assert again == cfg
+
+
+def test_a_vision_config_with_use_head_loads_without_the_head_and_says_so(hf_checkpoint, tmp_path):
+    """SigLIP's default is `vision_use_head: true`: a folder saved from a config that omits it carries
+    `vision_tower.head.*`, which PaliGemma never uses. Exactly those are passed over, with one warning."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = hf_checkpoint
+    copy = tmp_path / "with-head"
+    shutil.copytree(folder, copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["vision_config"].pop("vision_use_head", None)
+    (copy / "config.json").write_text(json.dumps(cfg))
+    weights = load_file(copy / "model.safetensors")
+    head = {"vision_tower.vision_model.head.probe": torch.zeros(1, 1, 24),
+            "vision_tower.vision_model.head.mlp.fc1.weight": torch.zeros(8, 24)}
+    save_file({**weights, **head}, copy / "model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match="pooling head"):
+        model = load_model(copy)
+    reference = load_model(folder)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+    cfg["vision_config"]["vision_use_head"] = False  # says it has none: then the extra keys are an error
+    (copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(PaliGemmaError, match="unexpected vision_tower.vision_model.head"):
+        load_model(copy)

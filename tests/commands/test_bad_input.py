@@ -92,6 +92,22 @@ def test_a_decompression_bomb_is_one_line_everywhere(ckpt, tmp_path):
     assert result.exit_code == 0 and "too large" in result.stderr and "Traceback" not in result.output
 
 
+def test_eval_and_train_skip_a_bomb_and_go_on(ckpt, tmp_path):
+    good = write_images(tmp_path, 4)
+    bomb = png_bomb(tmp_path / "bomb.png")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"image": p.name, "prefix": "caption en", "suffix": "x"}) + "\n"
+                            for p in [*good, bomb]))
+    result = run("eval", data, "--model", ckpt, "--max-tokens", 2, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["n"] == 4 and json.loads(result.stdout)["skipped"] == 1
+    assert "too large" in " ".join(result.stderr.split())  # Rich wraps long lines
+    result = run("train", data, "--model-config", "tiny-32", "--out", tmp_path / "run", "--steps", 3,
+                 "--batch-size", 5, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["skipped_images"] == 1  # the bomb, counted once
+
+
 def test_caption_skips_a_bomb_and_writes_the_good_images_of_its_batch(ckpt, tmp_path):
     good = write_images(tmp_path / "in", 3)
     png_bomb(tmp_path / "in" / "img1b.png")
@@ -217,6 +233,16 @@ def test_a_place_that_cannot_be_written_is_one_line(ckpt, tmp_path):
     if not place.is_dir():
         pytest.skip("no read-only folder to write into")
     one_line_error(run("caption", image, "--out", place / "c.jsonl", "--model", ckpt), "permission denied")
+
+
+def test_an_output_file_on_a_full_device_is_one_line(ckpt, tmp_path):
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    [image] = write_images(tmp_path, 1)
+    result = run("caption", image, "--out", "/dev/full", "--model", ckpt, "--max-tokens", 2)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.exit_code == 1 and last.startswith("error: cannot write '/dev/full': no space left")
+    assert "Traceback" not in result.output
 
 
 def test_stdout_on_a_full_device_is_one_line(tmp_path):

@@ -136,3 +136,34 @@ def test_tokenizer_matches_transformers_siglip_tokenizer(tmp_path):
     ref = HFSiglipTokenizer(vocab_file=str(spiece))(texts, padding="max_length", max_length=16, truncation=True,
                                                     return_tensors="pt").input_ids
     assert torch.equal(SiglipTokenizer.from_file(spiece, max_length=16)(texts), ref)
+
+
+def test_a_siglip_saved_by_transformers_with_its_default_eos_id_classifies(tmp_path, image):
+    """transformers writes `eos_token_id: 49407` (its CLIP-sized default) into a SigLIP config.json and never
+    uses it; the tokenizer's own `</s>` is the one that ends and pads a text."""
+    from transformers import SiglipConfig as HFSiglipConfig
+    from transformers import SiglipModel
+
+    tok_file = train_siglip_tokenizer(LABELS + ["a green circle"], tmp_path / "tokenizer.model")
+    vocab = SiglipTokenizer.from_file(tok_file).vocab_size
+    cfg = HFSiglipConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         vocab_size=vocab, max_position_embeddings=16),
+    )
+    torch.manual_seed(0)
+    folder = tmp_path / "hf"
+    SiglipModel(cfg).save_pretrained(folder)
+    assert json.loads((folder / "config.json").read_text())["text_config"]["eos_token_id"] >= vocab
+    (folder / "tokenizer.model").write_bytes(tok_file.read_bytes())
+    result = run(image, ",".join(LABELS), "--model", folder, "--json")
+    assert result.exit_code == 0, result.output
+    probabilities = [entry["probability"] for entry in json.loads(result.stdout)["labels"]]
+    assert len(probabilities) == len(LABELS) and all(0 < p < 1 for p in probabilities)
+
+
+def test_a_decompression_bomb_is_one_line(ckpt, tmp_path):
+    from tests.fixtures.bad_inputs import png_bomb
+
+    one_line_error(run(png_bomb(tmp_path / "bomb.png"), ",".join(LABELS), "--model", ckpt), "too large")
