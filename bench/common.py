@@ -27,7 +27,6 @@ import inspect
 import json
 import math
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -40,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `tests.fixtures` (the tiny tokenizer) and this checkout's package
     sys.path.insert(0, str(ROOT))
 
+from paligemma_cli.machine import SPEED_FLAGS, cpu_flags, cpu_model, physical_cores  # noqa: E402
 from paligemma_cli.settings import DEMO_MODEL  # noqa: E402
 
 DEMO_FOLDER = DEMO_MODEL
@@ -53,11 +53,9 @@ BATCH = 8
 DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32"}
 # The CPU features that decide which kernels run: AVX2/FMA (the float baseline), AVX-512 and its bf16 and
 # VNNI (int8) extensions, AVX-VNNI, and AMX tiles (bf16 and int8 matmuls on Sapphire Rapids and later).
-SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16",
-               "amx_int8")
 # Flags of the `cpu_flags` key that speed.py wrote before `machine_info` existed (kept for comparability).
 REPORT_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "avx_vnni")
-ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "FBGEMM_ENABLE_INSTRUCTIONS")
 
 
 def log(msg: str) -> None:
@@ -65,42 +63,6 @@ def log(msg: str) -> None:
 
 
 # --- machine ---------------------------------------------------------------------------------------
-
-
-def physical_cores() -> int:
-    """Distinct (package, core) pairs among the CPUs this process may run on."""
-    cpus = os.sched_getaffinity(0)
-    cores = set()
-    for cpu in cpus:
-        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
-        try:
-            cores.add((topo.joinpath("physical_package_id").read_text().strip(),
-                       topo.joinpath("core_id").read_text().strip()))
-        except OSError:
-            cores.add(("?", str(cpu)))
-    return max(1, len(cores))
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags(wanted=REPORT_FLAGS) -> list[str]:
-    """Those of `wanted` that /proc/cpuinfo lists, sorted."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return sorted(f for f in wanted if f in have)
-    except OSError:
-        pass
-    return []
 
 
 def machine_info() -> dict:

@@ -19,9 +19,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "paligemma_cli"
 ALLOWED = {
     "errors": set(),
     "outputs": {"errors"},  # where outputs may go; like errors, every part may use it
+    "machine": set(),  # what this CPU is (standard library only)
     "device": {"errors"},
     "model": {"errors"},
-    "speed": {"errors", "model"},
+    "speed": {"errors", "machine", "model"},
     "processing": {"errors"},
     "checkpoints": {"errors", "outputs", "device", "model", "speed", "processing"},
     "data": {"errors", "outputs", "processing"},
@@ -31,7 +32,7 @@ ALLOWED = {
     "settings": {"errors", "checkpoints"},
     "core": {"model"},  # the deprecated alias of the old layout
     "options": set(),
-    "commands": {"errors", "outputs", "device", "model", "speed", "checkpoints", "processing", "data",
+    "commands": {"errors", "outputs", "machine", "device", "model", "speed", "checkpoints", "processing", "data",
                  "inference", "evaluation", "training", "settings", "options", "cli"},
     "cli": {"errors", "outputs", "__init__"},  # __version__
     "__init__": {"checkpoints", "inference", "model"},

@@ -31,7 +31,6 @@ from paligemma_cli.model.paligemma import PaliGemma
 from paligemma_cli.model.siglip import DualEncoder
 from paligemma_cli.model.skeleton import empty_skeleton
 from paligemma_cli.outputs import mark_folder
-from paligemma_cli.speed.packed_linear import is_packed
 from paligemma_cli.speed.quantize import (
     METHOD,
     is_quantized,
@@ -223,7 +222,7 @@ def save_model(model: PaliGemma, folder: str | Path, tokenizer_dir: str | Path |
 
     An existing folder of the same name is replaced only after the new one is complete.
     """
-    if is_packed(model):
+    if any(getattr(m, "inference_only", False) for m in model.modules()):
         raise PaliGemmaError("this model's weights are packed for fast CPU inference and cannot be saved; "
                              "load it again without the fast layout to save it")
     folder = Path(folder)

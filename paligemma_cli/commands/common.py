@@ -40,9 +40,11 @@ def load_pipeline(model: str | None, device: str, dtype: str, console=None, quan
     console = console or stderr_console()
     with loading(console, folder):
         pipe = Pipeline.load(folder, device, dtype, quantize, fast_layout or compile)
-    if is_quantized(pipe.model) and pipe.model.device.type == "cpu" and pipe.model.dtype == torch.float32:
-        console.print("note: int8 weights with float32 activations save memory but decode slower than float32 "
-                      "on a CPU; the fast int8 kernel is bf16's (--dtype bf16)", markup=False)
+    if is_quantized(pipe.model) and not (pipe.model.device.type == "cpu"
+                                         and pipe.model.dtype in (torch.float32, torch.bfloat16)):
+        console.print(f"note: no fast int8 kernel for {str(pipe.model.dtype).removeprefix('torch.')} on "
+                      f"{pipe.model.device.type}: int8 weights are converted to it at every step, which saves "
+                      "memory but is slower than without --quantize", markup=False)
     if compile:
         pipe.compile()
     return pipe

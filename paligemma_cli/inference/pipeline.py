@@ -22,7 +22,8 @@ from paligemma_cli.processing.processor import PaliGemmaProcessor
 from paligemma_cli.processing.tokenizer import PaliGemmaTokenizer
 from paligemma_cli.speed.compiled_decode import CompiledDecoder
 from paligemma_cli.speed.cpu_layout import use_fast_cpu_layout
-from paligemma_cli.speed.quantize import parse_quantize
+from paligemma_cli.speed.kernel_choice import use_int8_kernels
+from paligemma_cli.speed.quantize import is_quantized, parse_quantize
 
 
 @dataclass
@@ -76,6 +77,8 @@ class Pipeline:
         quantize = parse_quantize(quantize)
         dev = pick_device(device)
         model = load_model(folder, dtype=pick_dtype(dtype, dev), device=dev, quantize=quantize)
+        if is_quantized(model):
+            use_int8_kernels(model)
         if fast_layout:
             use_fast_cpu_layout(model)
         tokenizer = PaliGemmaTokenizer.from_folder(folder)

@@ -25,6 +25,8 @@ class PackedLinear(nn.Module):
     """`y = x @ W.T + b` with W pre-packed for oneDNN (the batch-size hint 1 suits decoding best and
     is no slower than the stock layout for prefill)."""
 
+    inference_only = True  # the packed layout is meaningless in a checkpoint
+
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features

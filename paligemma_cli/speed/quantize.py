@@ -91,11 +91,12 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
     x 2-D with a contiguous last dim, scales 1-D (N,) in x's dtype, weight contiguous, K a multiple of 16
     (otherwise it crashes or silently drops the tail of K), the weight 16-byte aligned and x 32-byte
     aligned (otherwise it crashes). Fresh tensors are 64-byte aligned; `load_model` realigns int8 weights
-    read from a file. Its float32 and float16 CPU kernels are many times slower than a float matmul, and
-    its CUDA kernel is, in torch's sources, a float32-only loop; so every other case converts the weight
-    to x's dtype and calls the ordinary matmul (on CPU in float32 that saves memory but decodes slower
-    than float32 weights). So does a bf16
-    prefill of `INT8_DEQUANTIZE_FROM_ROWS` rows or more, where the bf16 matmul is the faster of the two.
+    read from a file. Its float32 and float16 CPU kernels are many times slower than a float matmul, so
+    float32 activations are rounded to bf16 for it (on CPUs with and without native bf16 alike: the
+    kernel's bf16 path reads the int8 weight at memory speed either way). Its CUDA kernel is, in torch's
+    sources, a float32-only loop; so every other case converts the weight to x's dtype and calls the
+    ordinary matmul. So does a prefill of `INT8_DEQUANTIZE_FROM_ROWS` rows or more, where the float matmul
+    is the faster of the two.
     """
     out_features, in_features = weight.shape
     rows = x.numel() // in_features
@@ -103,6 +104,11 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
     # aligned and rows of K % 16 == 0 bf16 values keep 32-byte alignment. (The dequantize-then-matmul
     # fallback below would be worse there: inductor materialises a bf16 copy of every weight per step.)
     compiling = torch.compiler.is_compiling()
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and in_features % 16 == 0 and not compiling
+            and rows < INT8_DEQUANTIZE_FROM_ROWS and weight.is_contiguous() and weight.data_ptr() % 64 == 0):
+        x2 = x.reshape(-1, in_features).to(torch.bfloat16)  # a fresh tensor: contiguous and aligned
+        y = torch.ops.aten._weight_int8pack_mm(x2, weight, scales.to(torch.bfloat16))
+        return y.view(*x.shape[:-1], out_features).float()
     if (x.device.type == "cpu" and x.dtype == torch.bfloat16 and in_features % 16 == 0
             and (compiling or (rows < INT8_DEQUANTIZE_FROM_ROWS and weight.is_contiguous()
                                and weight.data_ptr() % 64 == 0))):
@@ -181,7 +187,7 @@ class QuantizedEmbedding(nn.Module):
 
 
 def is_quantized(model: PaliGemma) -> bool:
-    return isinstance(model.language_model.embed_tokens, QuantizedEmbedding)
+    return any(isinstance(m, QuantizedEmbedding) for m in model.language_model.embed_tokens.modules())
 
 
 @torch.no_grad()

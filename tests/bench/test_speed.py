@@ -70,7 +70,8 @@ def test_short_demo_run_writes_consistent_json(tmp_path):
     assert "decode" in p.stdout and "roofline" in p.stdout  # the tables went to stdout
     machine = report["machine"]  # which CPU class produced the file
     assert machine["cpu"] == report["cpu"] and machine["torch"] == report["torch"]
-    assert machine["physical_cores"] >= 1 and set(machine["env"]) == {"ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA"}
+    assert machine["physical_cores"] >= 1 and set(machine["env"]) == {"ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
+                                                                   "MKL_ENABLE_INSTRUCTIONS", "FBGEMM_ENABLE_INSTRUCTIONS"}
     assert "machine:" in p.stdout
 
 
@@ -80,7 +81,8 @@ def test_machine_info_names_the_cpu_class(monkeypatch):
     info = common.machine_info()
     assert info["cpu"] and info["torch"] and info["torch_cpu_capability"]
     assert set(info["cpu_flags"]) <= set(common.SPEED_FLAGS)
-    assert set(info["env"]) == {"ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA"}
+    assert set(info["env"]) == {"ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
+                                "FBGEMM_ENABLE_INSTRUCTIONS"}
     assert info["env"]["ONEDNN_MAX_CPU_ISA"] == "AVX2"
     line = common.machine_line(info)
     assert line.startswith("machine: ") and info["cpu"] in line and "ONEDNN_MAX_CPU_ISA=AVX2" in line
