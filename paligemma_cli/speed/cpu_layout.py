@@ -1,8 +1,9 @@
 """Give a loaded model's CPU weights the layout its matmuls are fastest with (inference only).
 
-float32: linear weights are stored column-major, same shapes and values: for the few rows of a question
-or a decode step MKL's float32 GEMM is faster with `W.T` contiguous. `save_model` writes contiguous
-copies, so checkpoints do not change.
+float32 on AVX-512 CPUs: linear weights are stored column-major, same shapes and values: for the few
+rows of a question or a decode step MKL's float32 GEMM is faster with `W.T` contiguous (on AVX2 it is
+not, and the weights stay as they are). `save_model` writes contiguous copies, so checkpoints do not
+change.
 
 bfloat16 with native oneDNN support: `nn.Linear`s become `PackedLinear`s (oneDNN's blocked layout,
 bit-identical outputs), a decoder layer's q|k|v and gate|up first merged where they are small
@@ -18,6 +19,7 @@ from torch import nn
 
 from paligemma_cli.model.paligemma import PaliGemma
 from paligemma_cli.speed.fused_projections import FusedGemmaAttention, FusedGemmaMLP
+from paligemma_cli.speed.kernel_choice import cpu_facts
 from paligemma_cli.speed.mapped_pages import release_mapped_pages, safetensors_mappings
 from paligemma_cli.speed.packed_linear import PackedLinear, can_pack
 
@@ -29,6 +31,9 @@ FUSE_MAX_BYTES = 16 << 20
 def use_fast_cpu_layout(model: PaliGemma) -> PaliGemma:
     """Re-lay out `model`'s CPU weights in place (see the module docstring). Idempotent; returns the model."""
     mappings = safetensors_mappings()
+    # MKL's AVX2 kernels are no faster on column-major weights, and slower on some shapes: only AVX-512 CPUs
+    # get that layout (bench/results/kernels-*).
+    column_major = cpu_facts().capability.startswith("AVX512")
     for layer in model.language_model.layers:
         for name, names, fused_type in (("self_attn", ("q_proj", "k_proj", "v_proj"), FusedGemmaAttention),
                                         ("mlp", ("gate_proj", "up_proj"), FusedGemmaMLP)):
@@ -49,6 +54,6 @@ def use_fast_cpu_layout(model: PaliGemma) -> PaliGemma:
                 # The packed copy replaces the weight: its pages in the checkpoint's mapping, read to pack
                 # it, would otherwise stay counted in memory beside the copy.
                 release_mapped_pages(w, mappings)
-            elif w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous():
+            elif w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous() and column_major:
                 module.weight.data = w.data.t().contiguous().t()
     return model

@@ -77,7 +77,8 @@ def describe(dtype: torch.dtype, device: torch.device, quantized: bool, fast_lay
         float_linear = ("oneDNN, weights packed once (fast layout)" if fast_layout and facts.native_bf16
                         else "torch's bf16 matmul" + ("" if facts.native_bf16 else " (emulated: slow on this CPU)"))
     elif dtype == torch.float32:
-        float_linear = "MKL float32 matmul" + (", weights stored column-major (fast layout)" if fast_layout else "")
+        column_major = fast_layout and facts.capability.startswith("AVX512")
+        float_linear = "MKL float32 matmul" + (", weights stored column-major (fast layout)" if column_major else "")
     else:
         float_linear = f"torch's {str(dtype).removeprefix('torch.')} matmul"
     # The tied head is the embedding table itself: re-laying it out would need a second copy of it.
