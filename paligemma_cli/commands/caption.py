@@ -63,8 +63,8 @@ def caption(
     world = torchrun_world(device)
     if world is not None:
         try:
-            return caption_on_ranks(world, paths, out, fmt, recursive, resume, batch_size, prompt, model, max_tokens,
-                                    dtype, quantize, compile)
+            return caption_on_ranks(world, device, paths, out, fmt, recursive, resume, batch_size, prompt, model,
+                                    max_tokens, dtype, quantize, compile)
         finally:
             world.close()
     console = stderr_console()
@@ -76,9 +76,12 @@ def caption(
         raise PaliGemmaError("--resume needs --out: the file to continue")
     if out is not None:
         out = check_output_file(out, images)
-        if resume:
-            merge_parts(out, fmt, images)  # what the ranks of a stopped torchrun job wrote
-        else:
+        if resume and part_files(out):  # a torchrun job stopped part-way: finish it as its ranks would
+            from paligemma_cli.distributed import World
+
+            return caption_on_ranks(World(), device, paths, out, fmt, recursive, resume, batch_size, prompt, model,
+                                    max_tokens, dtype, quantize, compile)
+        if not resume:
             remove_parts(out)
     continuing = resume and out is not None and out.exists() and out.stat().st_size > 0
     done = {same_file_key(name) for name in already_done(out, fmt)} if continuing else set()
@@ -140,12 +143,15 @@ def caption(
         raise typer.Exit(1)
 
 
-def caption_on_ranks(world, paths, out, fmt, recursive, resume, batch_size, prompt, model, max_tokens, dtype,
+def caption_on_ranks(world, device, paths, out, fmt, recursive, resume, batch_size, prompt, model, max_tokens, dtype,
                      quantize, compile) -> None:
-    """`caption` as one rank of a torchrun job. Each rank captions its share of the images not yet done,
-    appending each record to its own part file beside `--out` as it is made; at the end rank 0 merges the
-    parts into `--out` in input order. A job stopped part-way (a rank killed) keeps its parts: `--resume`
-    merges them first, so nothing is captioned twice and nothing is lost."""
+    """`caption` as one rank of a torchrun job (or, to finish such a job, as its only process).
+
+    Each rank captions its share of the images not yet done and appends each record, as it is made, to its
+    own part file beside `--out`; at the end rank 0 merges every part into `--out` in input order. A job
+    stopped part-way (a rank killed) leaves its parts: `--resume` counts their records as done and merges
+    them with the new ones at the end, so nothing is captioned twice, nothing is lost, and the order holds.
+    """
     from rich.console import Console
 
     from paligemma_cli.commands.common import FAST_LAYOUT_MIN_JOBS, load_pipeline, sampling_options
@@ -170,24 +176,27 @@ def caption_on_ranks(world, paths, out, fmt, recursive, resume, batch_size, prom
     images, target = world.agree(inputs)
 
     def pending():
-        """Rank 0 settles what an earlier run left, then names the images still to caption."""
-        if resume:
-            merge_parts(target, fmt, images)
-        else:
+        """Rank 0 settles what an earlier run left (records cut short) and names the images still to do."""
+        if not resume:
             remove_parts(target)
             open_output(target, "w").close()
-        continuing = resume and target.exists() and target.stat().st_size > 0
-        done = {same_file_key(name) for name in already_done(target, fmt)} if continuing else set()
+            return images
+        done = set()
+        if target.exists() and target.stat().st_size > 0:
+            done.update(same_file_key(name) for name in already_done(target, fmt))
+        for part in part_files(target):
+            done.update(same_file_key(name) for name, _ in read_part(part))
         return [p for p in images if same_file_key(p) not in done]
 
     todo = world.agree(pending, main_only=True)
     if len(todo) < len(images):
-        console.print(f"resuming: {len(images) - len(todo)} image(s) already in {target}, {len(todo)} to go",
-                      markup=False)
+        console.print(f"resuming: {len(images) - len(todo)} image(s) already in {target} and its parts, "
+                      f"{len(todo)} to go", markup=False)
     mine = list(world.shard(todo))
     opts = sampling_options(max_tokens)
-    pipe = world.agree(lambda: load_pipeline(model, str(world.device), dtype, console, quantize=quantize,
-                                             compile=compile, fast_layout=len(mine) >= FAST_LAYOUT_MIN_JOBS))
+    on = str(world.device) if world.distributed else device
+    pipe = world.agree(lambda: load_pipeline(model, on, dtype, console, quantize=quantize, compile=compile,
+                                             fast_layout=len(mine) >= FAST_LAYOUT_MIN_JOBS))
     part = part_path(target, world.rank)
     stream = open_output(part, "a", newline="", encoding="utf-8", errors="surrogateescape")
     write = record_writer(stream, Format.jsonl)
@@ -195,8 +204,9 @@ def caption_on_ranks(world, paths, out, fmt, recursive, resume, batch_size, prom
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     t0 = time.perf_counter()
-    progress = Progress(TextColumn(f"caption (rank 0 of {world.size})"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=console)
+    label = f"caption (rank 0 of {world.size})" if world.distributed else "caption"
+    progress = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                        TimeRemainingColumn(), console=console)
     try:
         with progress:
             task = progress.add_task("caption", total=len(mine), rate="")
@@ -215,8 +225,8 @@ def caption_on_ranks(world, paths, out, fmt, recursive, resume, batch_size, prom
                         try:
                             write(name, text)
                         except OSError as e:
-                            raise PaliGemmaError(f"rank {world.rank} cannot write '{part}': {why(e)}; its {ok} "
-                                                 "caption(s) so far are kept for --resume") from None
+                            raise PaliGemmaError(f"cannot write '{part}': {why(e)}; the {ok} caption(s) written "
+                                                 "there so far are kept for --resume") from None
                         ok += 1
                 progress.update(task, advance=len(chunk), rate=f"{ok / (time.perf_counter() - t0):.2f} img/s")
     finally:
@@ -229,8 +239,8 @@ def caption_on_ranks(world, paths, out, fmt, recursive, resume, batch_size, prom
     elapsed = time.perf_counter() - t0
     ok = sum(n for n, _ in counts)
     failed = [name for _, names in counts for name in names]
-    console.print(f"captioned {ok} image(s) in {elapsed:.1f}s ({ok / elapsed if elapsed else 0:.2f} img/s) on "
-                  f"{world.size} processes; wrote {target}"
+    console.print(f"captioned {ok} image(s) in {elapsed:.1f}s ({ok / elapsed if elapsed else 0:.2f} img/s)"
+                  + (f" on {world.size} processes" if world.distributed else "")
                   + (f"; {len(failed)} unreadable: {', '.join(failed[:5])}{' …' if len(failed) > 5 else ''}" if failed else ""),
                   markup=False)
     if ok == 0 and todo:
@@ -252,11 +262,28 @@ def remove_parts(out: Path) -> None:
         part.unlink(missing_ok=True)
 
 
+def read_part(part: Path) -> list[tuple[str, str]]:
+    """The (image, caption) records of a part file; a torn last record (its rank killed while writing it)
+    is cut off the file first, so records appended later start clean."""
+    data = part.read_bytes()
+    keep = complete_prefix(data, Format.jsonl)
+    if keep < len(data):
+        with open(part, "r+b") as f:
+            f.truncate(keep)
+    records = []
+    for line in data[:keep].decode("utf-8", errors="surrogateescape").splitlines():
+        try:
+            record = json.loads(line)
+            records.append((record["image"], record["caption"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return records
+
+
 def merge_parts(out: Path, fmt: "Format", images: list[str]) -> int:
-    """Append the records of `out`'s part files to `out` (in the order of `images`, those of other images
-    after them), leaving out images `out` already holds and a torn last record of any file; then delete
-    the parts. A merge cut short is finished by the next: records already in `out` are not added twice.
-    Returns how many records were added."""
+    """Append the records of `out`'s part files to `out`, in the order of `images` (records of other images
+    after them), leaving out images `out` already holds; then delete the parts. A merge cut short is
+    finished by the next: what reached `out` is not added twice. Returns how many records were added."""
     from paligemma_cli.outputs import open_output
 
     parts = part_files(out)
@@ -264,13 +291,7 @@ def merge_parts(out: Path, fmt: "Format", images: list[str]) -> int:
         return 0
     records: dict[str, tuple[str, str]] = {}
     for part in parts:
-        data = part.read_bytes()
-        for line in data[:complete_prefix(data, Format.jsonl)].decode("utf-8", errors="surrogateescape").splitlines():
-            try:
-                record = json.loads(line)
-                name, text = record["image"], record["caption"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue
+        for name, text in read_part(part):
             records.setdefault(same_file_key(name), (name, text))
     if out.exists() and out.stat().st_size > 0:
         for name in already_done(out, fmt):  # which also cuts a torn last record
