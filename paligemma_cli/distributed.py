@@ -13,6 +13,8 @@ one per rank, and no rank waits for one that has given up. A rank that dies else
 memory) ends the job through torchrun, which stops the other ranks. Collectives wait at most
 `$PALIGEMMA_DIST_TIMEOUT` seconds (default one hour) before failing.
 
+Recipes, the design and its figures: docs/distributed.md.
+
 References: PyTorch's `torch.distributed` (`init_process_group`, env:// rendezvous as `torchrun` sets
 it), `DistributedDataParallel`, and FSDP2 (`torch.distributed.fsdp.fully_shard`, DTensor parameters),
 as torchtitan uses them.

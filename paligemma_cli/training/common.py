@@ -281,7 +281,8 @@ class TrainerBase:
         self.world.agree(lambda: check_run_folder(self.out, resume, [
             p for p in (cfg.data, cfg.model, getattr(cfg, "val_data", None), getattr(cfg, "init_vision", None)) if p]))
         self.created_out = not self.out.exists()
-        if not resume and self.world.is_main:  # from here on the folder is this run's: marked before anything else is written
+        # From here on the folder is this run's: marked (by rank 0) before anything else is written.
+        if not resume and self.world.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             mark_folder(self.out, RUN_KIND)
         self.state = TrainState()

@@ -398,11 +398,13 @@ class Trainer(TrainerBase):
         """The state dict, the names of the trained weights and, when sharded, the whole optimizer state;
         under FSDP2 gathered from the ranks' shards (held by rank 0 only)."""
         state = self.model.state_dict()
+        trained = [k for k, v in self.model.named_parameters() if v.requires_grad]
         optimizer = None
         if self.world.distributed and self.sharding == "fsdp":
+            if self.cfg.trainable == "lora" and self.cfg.lora_save == "adapter":  # the frozen base is not written
+                state = {k: v for k, v in state.items() if "lora_A" in k or "lora_B" in k or k in trained}
             state = gathered(state, keep=self.world.is_main)
             optimizer = gathered_optimizer_state(self.optimizer.state_dict(), keep=self.world.is_main)
-        trained = [k for k, v in self.model.named_parameters() if v.requires_grad]
         return {"state": state, "trained": trained, "optimizer": optimizer}
 
     def write(self, snapshot: dict) -> None:
