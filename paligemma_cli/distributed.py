@@ -109,16 +109,8 @@ class World:
             error = e
         shared = result if main_only and self.is_main else None
         outcomes = self.gather((None if error is None else describe(error), shared))
-        failed = [(rank, message) for rank, (message, _) in enumerate(outcomes) if message is not None]
-        if not failed:
-            return outcomes[0][1] if main_only else result
-        if not self.is_main:
-            raise ReportedElsewhere(failed[0][1]) from error
-        if error is not None:
-            raise error
-        rank, message = failed[0]
-        others = f" (and {len(failed) - 1} other rank(s))" if len(failed) > 1 else ""
-        raise PaliGemmaError(f"rank {rank}{others}: {message}")
+        settle([message for message, _ in outcomes], self.rank, error)
+        return outcomes[0][1] if main_only else result
 
     def close(self) -> None:
         if self.distributed and dist.is_initialized():
@@ -134,6 +126,22 @@ def shard_bounds(n: int, rank: int, size: int) -> tuple[int, int]:
     base, extra = divmod(n, size)
     start = rank * base + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)
+
+
+def settle(messages: Sequence[str | None], rank: int, error: BaseException | None) -> None:
+    """Raise on rank `rank` if any rank failed (`messages[r]` is rank r's error line, None where it
+    succeeded; `error` is this rank's own): rank 0 raises its own error, or one naming the first rank that
+    failed; the others raise `ReportedElsewhere`, so that the job prints the error once."""
+    failed = [(r, message) for r, message in enumerate(messages) if message is not None]
+    if not failed:
+        return
+    if rank != 0:
+        raise ReportedElsewhere(failed[0][1]) from error
+    if error is not None:
+        raise error
+    first, message = failed[0]
+    others = f" (and {len(failed) - 1} other rank(s))" if len(failed) > 1 else ""
+    raise PaliGemmaError(f"rank {first}{others}: {message}")
 
 
 def describe(error: BaseException) -> str:

@@ -32,8 +32,8 @@ from typer.testing import CliRunner
 from paligemma_cli.cli import app
 from paligemma_cli.commands.caption import Format, merge_parts, part_path
 from paligemma_cli.data.shapes import write_dataset
-from paligemma_cli.distributed import World, launch_env, shard_bounds
-from paligemma_cli.errors import PaliGemmaError
+from paligemma_cli.distributed import World, launch_env, settle, shard_bounds
+from paligemma_cli.errors import PaliGemmaError, ReportedElsewhere
 from paligemma_cli.training.paligemma import TrainConfig, Trainer
 from paligemma_cli.training.resume_state import load_state
 
@@ -91,6 +91,37 @@ def test_one_process_world_runs_everything_itself():
     assert world.agree(lambda: 7) == 7 and world.all_sum([1, 2]) == [1.0, 2.0] and world.gather("x") == ["x"]
     with pytest.raises(PaliGemmaError, match="boom"):
         world.agree(lambda: (_ for _ in ()).throw(PaliGemmaError("boom")))
+
+
+def test_a_failure_on_any_rank_stops_every_rank_and_rank_0_alone_reports_it():
+    settle([None, None], 0, None)  # nobody failed
+    with pytest.raises(PaliGemmaError, match=r"^rank 1: no such file$") as caught:
+        settle([None, "no such file"], 0, None)
+    assert not isinstance(caught.value, ReportedElsewhere)
+    with pytest.raises(ReportedElsewhere):
+        settle([None, "no such file"], 1, PaliGemmaError("no such file"))
+    own = PaliGemmaError("bad flag")
+    with pytest.raises(PaliGemmaError) as caught:
+        settle(["bad flag", "bad flag", None], 0, own)
+    assert caught.value is own  # a failure every rank shares is printed as rank 0's own
+    with pytest.raises(PaliGemmaError, match=r"^rank 1 \(and 1 other rank\(s\)\): x$"):
+        settle([None, "x", "y"], 0, None)
+
+
+
+def test_the_cli_exits_quietly_on_an_error_rank_0_reports(capsys, monkeypatch):
+    import typer
+
+    from paligemma_cli.cli import DEBUG_ENV, friendly_errors
+
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+
+    def fails():
+        raise ReportedElsewhere("rank 1: no such file")
+
+    with pytest.raises(typer.Exit) as stopped:
+        friendly_errors(fails)()
+    assert stopped.value.exit_code == 1 and capsys.readouterr().err == ""
 
 
 def test_a_partial_launch_is_one_line(monkeypatch, tmp_path):
