@@ -584,13 +584,13 @@ def load_pipeline(model: str, device: str, dtype: str, image_size: int | None = 
 
 
 def write_lora_checkpoint(config_name: str, work: Path) -> Path:
-    """`work/<config>`: a random checkpoint of a published config written by `save_model` (bf16, as the
-    hub's v2 files, 2 GB shards), and `work/data`: 16 shapes examples at its resolution. Built once."""
+    """`work/<config>`: a random checkpoint of a published config (or a `CONFIGS` name) written by `save_model`
+    (bf16, as the hub's v2 files, 2 GB shards), and `work/data`: 16 shapes examples at its resolution. Built
+    once."""
     import torch
 
     from paligemma_cli.checkpoints.hf import save_model
     from paligemma_cli.data.shapes import write_dataset
-    from paligemma_cli.model.config import PaliGemmaConfig
     from paligemma_cli.model.paligemma import PaliGemma
     from paligemma_cli.processing.tokenizer import PaliGemmaTokenizer
     from paligemma_cli.training.tokenizer_training import train_tokenizer
@@ -599,7 +599,7 @@ def write_lora_checkpoint(config_name: str, work: Path) -> Path:
     if (ckpt / "config.json").exists():  # `save_model` writes the folder whole or not at all
         return ckpt
     t0 = time.perf_counter()
-    cfg = PaliGemmaConfig.from_name(config_name)
+    cfg = model_config(config_name)
     data = write_dataset(work / "data", n=16, seed=0, image_size=cfg.image_size)
     # A real vocabulary needs the real tokenizer; a small one with the same special layout is enough
     # here. The embedding keeps the published shape (257216 rows); only <image>'s id follows the
@@ -609,7 +609,8 @@ def write_lora_checkpoint(config_name: str, work: Path) -> Path:
     tok_dir.mkdir(parents=True, exist_ok=True)
     train_tokenizer(texts, tok_dir / "tokenizer.model", vocab_size=320)
     image_token_id = PaliGemmaTokenizer.from_file(tok_dir / "tokenizer.model").image_token_id
-    cfg = PaliGemmaConfig.from_name(config_name, image_token_id=image_token_id)
+    cfg = model_config(config_name)
+    cfg.image_token_id = image_token_id
     with torch.device("meta"):
         model = PaliGemma(cfg)
     model = model.to_empty(device="cpu").to(torch.bfloat16)

@@ -18,7 +18,7 @@ import typer
 import typer.exceptions
 
 from paligemma_cli import __version__
-from paligemma_cli.errors import PaliGemmaError
+from paligemma_cli.errors import PaliGemmaError, ReportedElsewhere
 from paligemma_cli.outputs import why
 
 DEBUG_ENV = "PALIGEMMA_DEBUG"  # set it to see the traceback behind an error (for bug reports)
@@ -71,6 +71,10 @@ def friendly_errors(command: Callable) -> Callable:
             return command(*args, **kwargs)
         except (typer.Exit, typer.Abort, typer.exceptions.TyperException):
             raise  # the CLI framework's own ways out (`raise typer.Exit(1)` after a message)
+        except ReportedElsewhere:  # rank 0 of the torchrun job prints it
+            if debugging():
+                raise
+            raise typer.Exit(1) from None
         except PaliGemmaError as e:
             if debugging():
                 raise

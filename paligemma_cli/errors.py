@@ -6,3 +6,8 @@ class PaliGemmaError(Exception):
 
     The message is one line that says what is wrong and what to do next.
     """
+
+
+class ReportedElsewhere(PaliGemmaError):
+    """A failure that another process reports (rank 0 of a `torchrun` job): this one exits non-zero
+    without a message of its own, so the job prints each error once."""

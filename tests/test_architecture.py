@@ -14,13 +14,14 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "paligemma_cli"
 
 # What each part may import from the package (besides itself). Lower layers never import higher ones:
-# errors, outputs, device < model, processing < speed < checkpoints < data < inference < evaluation,
+# errors, outputs, device < distributed, model, processing < speed < checkpoints < data < inference < evaluation,
 # training < settings, commands, cli.
 ALLOWED = {
     "errors": set(),
     "outputs": {"errors"},  # where outputs may go; like errors, every part may use it
     "machine": set(),  # what this CPU is (standard library only)
     "device": {"errors"},
+    "distributed": {"errors", "device"},  # torchrun: ranks, devices, shares of the work, DDP / FSDP2
     "model": {"errors"},
     "speed": {"errors", "machine", "model"},
     "processing": {"errors"},
@@ -28,12 +29,12 @@ ALLOWED = {
     "data": {"errors", "outputs", "processing"},
     "inference": {"errors", "outputs", "device", "model", "speed", "checkpoints", "processing"},
     "evaluation": {"errors", "outputs", "data", "processing", "inference"},
-    "training": {"errors", "outputs", "model", "checkpoints", "processing", "data"},
+    "training": {"errors", "outputs", "distributed", "model", "checkpoints", "processing", "data"},
     "settings": {"errors", "checkpoints"},
     "core": {"model"},  # the deprecated alias of the old layout
     "options": set(),
-    "commands": {"errors", "outputs", "machine", "device", "model", "speed", "checkpoints", "processing", "data",
-                 "inference", "evaluation", "training", "settings", "options", "cli"},
+    "commands": {"errors", "outputs", "machine", "device", "distributed", "model", "speed", "checkpoints",
+                 "processing", "data", "inference", "evaluation", "training", "settings", "options", "cli"},
     "cli": {"errors", "outputs", "__init__"},  # __version__
     "__init__": {"checkpoints", "inference", "model"},
     "__main__": {"cli"},

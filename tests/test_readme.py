@@ -7,7 +7,8 @@
   examples, `train` runs 2 steps, `eval` looks at 24 examples.
 - Every command line the pages show, in sh blocks or inline (`paligemma …`, `python bench/…`), is parsed by
   the real argument parser without being run: the subcommand or script exists and takes every flag and
-  value given. That is all the benchmark lines get (3B benchmarks and hour-long runs).
+  value given. That is all the benchmark lines get (3B benchmarks and hour-long runs), and the `torchrun`
+  (and `srun … torchrun`) lines: torchrun's parser reads its flags, the CLI the command it launches.
 - The README's Python example is executed on the built-in demo model.
 - Links, repository paths in backticks, and the code's pointers to docs/ pages resolve.
 """
@@ -56,11 +57,11 @@ def readme_commands(page: Path = README) -> list[str]:
     return [line for line in sh_lines(page) if line.startswith("paligemma ")]
 
 
-def inline_commands(page: Path) -> list[str]:
-    """`paligemma …` and `python bench/…` in inline code outside the fenced blocks."""
+def inline_commands(page: Path, prefixes: tuple[str, ...] = ("paligemma ", "python bench/")) -> list[str]:
+    """`paligemma …` and `python bench/…` (or other `prefixes`) in inline code outside the fenced blocks."""
     text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
     spans = (" ".join(span.split()) for span in re.findall(r"`([^`]+)`", text))
-    return [span for span in spans if span.startswith(("paligemma ", "python bench/"))]
+    return [span for span in spans if span.startswith(prefixes)]
 
 
 def shell_words(command: str) -> list[str]:
@@ -224,6 +225,39 @@ def test_cli_command_lines_parse():
                 group.commands[sub].make_context(sub, args)
             except Exception as e:  # click's UsageError family (typer vendors click)
                 problems.append(f"{page}: `{command}`: {getattr(e, 'format_message', e.__str__)()}")
+    assert not problems, "\n".join(problems)
+
+
+def test_torchrun_command_lines_parse():
+    """`torchrun …` lines (and `srun … torchrun …`) are parsed twice without running: torchrun's own flags by
+    torchrun's parser, then the paligemma command it launches (`-m paligemma_cli` or `--no-python paligemma`)
+    by the CLI."""
+    import typer
+    from torch.distributed.run import get_args_parser
+
+    group = typer.main.get_command(app)
+    lines = [(name(page), c) for page in PAGES for c in sh_lines(page) + inline_commands(page, ("torchrun ", "srun "))
+             if c.startswith(("torchrun ", "srun "))]
+    assert len(lines) >= 6
+    problems = []
+    for page, command in lines:
+        words = shell_words(command)
+        if words[0] == "srun":  # srun's own flags are SLURM's; what it starts is checked
+            words = words[words.index("torchrun"):] if "torchrun" in words else []
+        try:
+            launch = get_args_parser().parse_args(words[1:])
+        except SystemExit:
+            problems.append(f"{page}: `{command}`: rejected by torchrun's parser (see stderr)")
+            continue
+        if not ((launch.module and launch.training_script == "paligemma_cli")
+                or (launch.no_python and launch.training_script == "paligemma")):
+            problems.append(f"{page}: `{command}`: launches {launch.training_script!r}, not paligemma")
+            continue
+        sub, args = launch.training_script_args[0], launch.training_script_args[1:]
+        try:
+            group.commands[sub].make_context(sub, args)
+        except Exception as e:
+            problems.append(f"{page}: `{command}`: {getattr(e, 'format_message', e.__str__)()}")
     assert not problems, "\n".join(problems)
 
 

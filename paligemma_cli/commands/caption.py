@@ -50,13 +50,23 @@ def caption(
       paligemma caption "shots/*.png" --format csv --out captions.csv --resume
 
       paligemma caption img1.jpg img2.jpg --format txt
+
+      torchrun --nproc-per-node 8 -m paligemma_cli caption photos/ -r --out captions.jsonl --resume
     """
     from paligemma_cli.commands.common import FAST_LAYOUT_MIN_JOBS, load_pipeline, sampling_options, stderr_console
+    from paligemma_cli.distributed import torchrun_world
     from paligemma_cli.errors import PaliGemmaError
     from paligemma_cli.outputs import check_output_file, open_output, why
     from paligemma_cli.processing.image import load_image
     from paligemma_cli.processing.text import check_text
 
+    world = torchrun_world(device)
+    if world is not None:
+        try:
+            return caption_on_ranks(world, device, paths, out, fmt, recursive, resume, batch_size, prompt, model,
+                                    max_tokens, dtype, quantize, compile)
+        finally:
+            world.close()
     console = stderr_console()
     check_text(prompt, "--prompt")
     images = find_images(paths, recursive)
@@ -66,6 +76,13 @@ def caption(
         raise PaliGemmaError("--resume needs --out: the file to continue")
     if out is not None:
         out = check_output_file(out, images)
+        if resume and part_files(out):  # a torchrun job stopped part-way: finish it as its ranks would
+            from paligemma_cli.distributed import World
+
+            return caption_on_ranks(World(), device, paths, out, fmt, recursive, resume, batch_size, prompt, model,
+                                    max_tokens, dtype, quantize, compile)
+        if not resume:
+            remove_parts(out)
     continuing = resume and out is not None and out.exists() and out.stat().st_size > 0
     done = {same_file_key(name) for name in already_done(out, fmt)} if continuing else set()
     todo = [p for p in images if same_file_key(p) not in done]
@@ -124,6 +141,171 @@ def caption(
                   markup=False)
     if ok == 0 and todo:
         raise typer.Exit(1)
+
+
+def caption_on_ranks(world, device, paths, out, fmt, recursive, resume, batch_size, prompt, model, max_tokens, dtype,
+                     quantize, compile) -> None:
+    """`caption` as one rank of a torchrun job (or, to finish such a job, as its only process).
+
+    Each rank captions its share of the images not yet done and appends each record, as it is made, to its
+    own part file beside `--out`; at the end rank 0 merges every part into `--out` in input order. A job
+    stopped part-way (a rank killed) leaves its parts: `--resume` counts their records as done and merges
+    them with the new ones at the end, so nothing is captioned twice, nothing is lost, and the order holds.
+    """
+    from rich.console import Console
+
+    from paligemma_cli.commands.common import FAST_LAYOUT_MIN_JOBS, load_pipeline, sampling_options
+    from paligemma_cli.errors import PaliGemmaError
+    from paligemma_cli.outputs import check_output_file, open_output, why
+    from paligemma_cli.processing.image import load_image
+    from paligemma_cli.processing.text import check_text
+
+    console = Console(stderr=True, highlight=False, quiet=not world.is_main)
+
+    def inputs():
+        check_text(prompt, "--prompt")
+        if out is None:
+            raise PaliGemmaError("under torchrun caption needs --out: the one file the ranks' records are merged into")
+        images = find_images(paths, recursive)
+        if not images:
+            raise PaliGemmaError(f"no images found in {', '.join(paths)}" + ("" if recursive else " (try --recursive)"))
+        if len(images) < world.size:
+            raise PaliGemmaError(f"{len(images)} image(s) for {world.size} processes: launch at most {len(images)}")
+        return images, check_output_file(out, images)
+
+    images, target = world.agree(inputs)
+
+    def pending():
+        """Rank 0 settles what an earlier run left (records cut short) and names the images still to do."""
+        if not resume:
+            remove_parts(target)
+            open_output(target, "w").close()
+            return images
+        done = set()
+        if target.exists() and target.stat().st_size > 0:
+            done.update(same_file_key(name) for name in already_done(target, fmt))
+        for part in part_files(target):
+            done.update(same_file_key(name) for name, _ in read_part(part))
+        return [p for p in images if same_file_key(p) not in done]
+
+    todo = world.agree(pending, main_only=True)
+    if len(todo) < len(images):
+        console.print(f"resuming: {len(images) - len(todo)} image(s) already in {target} and its parts, "
+                      f"{len(todo)} to go", markup=False)
+    mine = list(world.shard(todo))
+    opts = sampling_options(max_tokens)
+    on = str(world.device) if world.distributed else device
+    pipe = world.agree(lambda: load_pipeline(model, on, dtype, console, quantize=quantize, compile=compile,
+                                             fast_layout=len(mine) >= FAST_LAYOUT_MIN_JOBS))
+    part = part_path(target, world.rank)
+    stream = open_output(part, "a", newline="", encoding="utf-8", errors="surrogateescape")
+    write = record_writer(stream, Format.jsonl)
+    failed, ok = [], 0
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    t0 = time.perf_counter()
+    label = f"caption (rank 0 of {world.size})" if world.distributed else "caption"
+    progress = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                        TimeRemainingColumn(), console=console)
+    try:
+        with progress:
+            task = progress.add_task("caption", total=len(mine), rate="")
+            for start in range(0, len(mine), batch_size):
+                chunk = mine[start:start + batch_size]
+                loaded, names = [], []
+                for name in chunk:
+                    try:
+                        loaded.append(load_image(name))
+                        names.append(name)
+                    except PaliGemmaError as e:
+                        failed.append(name)
+                        progress.console.print(f"skipped: {e}", markup=False)
+                if loaded:
+                    for name, text in zip(names, pipe.generate(loaded, [prompt] * len(loaded), opts)):
+                        try:
+                            write(name, text)
+                        except OSError as e:
+                            raise PaliGemmaError(f"cannot write '{part}': {why(e)}; the {ok} caption(s) written "
+                                                 "there so far are kept for --resume") from None
+                        ok += 1
+                progress.update(task, advance=len(chunk), rate=f"{ok / (time.perf_counter() - t0):.2f} img/s")
+    finally:
+        try:
+            stream.close()
+        except OSError:
+            pass
+    counts = world.gather((ok, failed))
+    world.agree(lambda: merge_parts(target, fmt, images), main_only=True)
+    elapsed = time.perf_counter() - t0
+    ok = sum(n for n, _ in counts)
+    failed = [name for _, names in counts for name in names]
+    console.print(f"captioned {ok} image(s) in {elapsed:.1f}s ({ok / elapsed if elapsed else 0:.2f} img/s)"
+                  + (f" on {world.size} processes" if world.distributed else "")
+                  + (f"; {len(failed)} unreadable: {', '.join(failed[:5])}{' …' if len(failed) > 5 else ''}" if failed else ""),
+                  markup=False)
+    if ok == 0 and todo:
+        raise typer.Exit(1)
+
+
+def part_path(out: Path, rank: int) -> Path:
+    """Where rank `rank` of a torchrun job appends its records (JSON lines), hidden beside `out`."""
+    return out.with_name(f".{out.name}.part-{rank}")
+
+
+def part_files(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(f".{glob.escape(out.name)}.part-*"))
+
+
+def remove_parts(out: Path) -> None:
+    """A new run over `out` drops the parts an earlier, stopped, job left there."""
+    for part in part_files(out):
+        part.unlink(missing_ok=True)
+
+
+def read_part(part: Path) -> list[tuple[str, str]]:
+    """The (image, caption) records of a part file; a torn last record (its rank killed while writing it)
+    is cut off the file first, so records appended later start clean."""
+    data = part.read_bytes()
+    keep = complete_prefix(data, Format.jsonl)
+    if keep < len(data):
+        with open(part, "r+b") as f:
+            f.truncate(keep)
+    records = []
+    for line in data[:keep].decode("utf-8", errors="surrogateescape").splitlines():
+        try:
+            record = json.loads(line)
+            records.append((record["image"], record["caption"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return records
+
+
+def merge_parts(out: Path, fmt: "Format", images: list[str]) -> int:
+    """Append the records of `out`'s part files to `out`, in the order of `images` (records of other images
+    after them), leaving out images `out` already holds; then delete the parts. A merge cut short is
+    finished by the next: what reached `out` is not added twice. Returns how many records were added."""
+    from paligemma_cli.outputs import open_output
+
+    parts = part_files(out)
+    if not parts:
+        return 0
+    records: dict[str, tuple[str, str]] = {}
+    for part in parts:
+        for name, text in read_part(part):
+            records.setdefault(same_file_key(name), (name, text))
+    if out.exists() and out.stat().st_size > 0:
+        for name in already_done(out, fmt):  # which also cuts a torn last record
+            records.pop(same_file_key(name), None)
+    existing = out.exists() and out.stat().st_size > 0
+    position = {same_file_key(name): i for i, name in enumerate(images)}
+    ordered = sorted(records.items(), key=lambda item: position.get(item[0], len(position)))
+    with open_output(out, "a", newline="", encoding="utf-8", errors="surrogateescape") as stream:
+        write = record_writer(stream, fmt, header=not existing)
+        for _, (name, text) in ordered:
+            write(name, text)
+    for part in parts:
+        part.unlink(missing_ok=True)
+    return len(ordered)
 
 
 def find_images(paths: list[str], recursive: bool) -> list[str]:

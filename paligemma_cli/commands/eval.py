@@ -45,13 +45,23 @@ def eval_command(
       paligemma eval val.jsonl --model runs/shapes/final --predictions preds.jsonl
 
       paligemma eval data/shapes-test/data.jsonl --task retrieval --model runs/siglip
+
+      torchrun --nproc-per-node 4 -m paligemma_cli eval val.jsonl --model runs/shapes --json
     """
     from paligemma_cli.commands.common import FAST_LAYOUT_MIN_JOBS, load_pipeline, sampling_options, stderr_console
     from paligemma_cli.data.jsonl import read_jsonl
+    from paligemma_cli.distributed import torchrun_world
     from paligemma_cli.errors import PaliGemmaError
     from paligemma_cli.evaluation.evaluate import evaluate, select_examples
     from paligemma_cli.outputs import check_output_file, open_output
 
+    world = torchrun_world(device)
+    if world is not None:
+        try:
+            return eval_on_ranks(world, data, model, batch_size, limit, tasks, predictions, json_out, max_tokens,
+                                 dtype, quantize, compile)
+        finally:
+            world.close()
     console = stderr_console()
     if tasks and "retrieval" in tasks:
         if len(tasks) > 1 or predictions:
@@ -95,6 +105,13 @@ def eval_command(
         if out is not None:
             out.close()
 
+    show_report(report, console, pipe.folder, data, predictions, json_out)
+
+
+def show_report(report, console, folder, data: Path, predictions: Path | None, json_out: bool) -> None:
+    """The scores on stdout (a table, or JSON), the counts on stderr."""
+    from paligemma_cli.errors import PaliGemmaError
+
     skipped = len(report.skipped)
     if report.n == 0:
         raise PaliGemmaError(f"{data}: no usable example; all {skipped} image(s) were unreadable")
@@ -105,13 +122,72 @@ def eval_command(
 
     if json_out:
         print(json.dumps({
-            "model": str(pipe.folder), "data": str(data), "n": report.n,
+            "model": str(folder), "data": str(data), "n": report.n,
             "tasks": {name: {**{k: round(v, 2) for k, v in t.metrics.items()}, "n": t.n}
                       for name, t in report.tasks.items()},
             "skipped": skipped,
         }))
         return
     print_table(report)
+
+
+def eval_on_ranks(world, data: Path, model, batch_size: int, limit, tasks, predictions: Path | None, json_out: bool,
+                  max_tokens: int, dtype: str, quantize: str, compile: bool) -> None:
+    """`eval` as one rank of a torchrun job: each rank answers its contiguous share of the examples; rank 0
+    gathers every answer, in input order, and scores the tasks over all of them (corpus metrics such as
+    CIDEr-D cannot be averaged from per-rank scores), then writes --predictions and prints as one
+    process would."""
+    import time
+
+    from rich.console import Console
+
+    from paligemma_cli.commands.common import FAST_LAYOUT_MIN_JOBS, load_pipeline, sampling_options
+    from paligemma_cli.data.jsonl import read_jsonl
+    from paligemma_cli.errors import PaliGemmaError
+    from paligemma_cli.evaluation.evaluate import evaluate, report_of, select_examples
+    from paligemma_cli.outputs import atomic_write_text, check_output_file
+
+    console = Console(stderr=True, highlight=False, quiet=not world.is_main)
+
+    def inputs():
+        if tasks and "retrieval" in tasks:
+            raise PaliGemmaError("--task retrieval runs in one process; launch it without torchrun")
+        examples = select_examples(read_jsonl(data), tasks or (), limit)
+        if not examples:
+            raise PaliGemmaError(f"{data}: no examples to evaluate")
+        if len(examples) < world.size:
+            raise PaliGemmaError(f"{len(examples)} example(s) for {world.size} processes: launch at most {len(examples)}")
+        path = check_output_file(predictions, [data, *(e.image for e in examples)], "--predictions") if predictions else None
+        return examples, path
+
+    examples, predictions = world.agree(inputs)
+    mine = list(world.shard(examples))
+    opts = sampling_options(max_tokens)  # greedy: scores should not depend on a seed
+    pipe = world.agree(lambda: load_pipeline(model, str(world.device), dtype, console, quantize=quantize,
+                                             compile=compile, fast_layout=len(mine) >= FAST_LAYOUT_MIN_JOBS))
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    t0 = time.perf_counter()
+    progress = Progress(TextColumn(f"eval (rank 0 of {world.size})"), BarColumn(), MofNCompleteColumn(),
+                        TimeRemainingColumn(), console=console)
+    with progress:
+        bar = progress.add_task("eval", total=len(mine))
+
+        def on_progress(batch):
+            for item in batch:
+                if item.error is not None:
+                    progress.console.print(f"skipped: {item.error}", markup=False)
+            progress.advance(bar, len(batch))
+
+        answered = evaluate(pipe, mine, opts, batch_size, on_progress).examples
+    shares = world.gather(answered)  # contiguous shares in rank order: the input order
+    if not world.is_main:
+        return
+    report = report_of([item for share in shares for item in share], time.perf_counter() - t0)
+    if predictions:
+        atomic_write_text(predictions, "".join(json.dumps(item.as_record(), ensure_ascii=False) + "\n"
+                                               for item in report.examples))
+    show_report(report, console, pipe.folder, data, predictions, json_out)
 
 
 def retrieval_eval(data: Path, model: str | None, batch_size: int, limit: int | None, device: str,

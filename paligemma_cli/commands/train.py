@@ -42,6 +42,7 @@ def train(
     init_vision: Annotated[Optional[str], typer.Option("--init-vision", help="Start the vision tower from this checkpoint (e.g. a SigLIP trained with --objective siglip).")] = None,
     hard_negatives: Annotated[Optional[int], typer.Option("--hard-negatives", min=0, help="With --objective siglip/clip: per image and step, up to this many of its line's \"negatives\" (wrong captions, e.g. its shapes in another order) join the batch as extra negatives. Default 0.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out where it stopped.")] = False,
+    sharding: Annotated[str, typer.Option("--sharding", help="Under torchrun: ddp (each rank holds the whole model) or fsdp (parameters, gradients and optimizer state sharded over the ranks with FSDP2). --batch-size stays the global batch.")] = "ddp",
     device: DeviceOpt = "auto",
     json_out: JsonOpt = False,
 ) -> None:
@@ -58,12 +59,10 @@ def train(
       paligemma train data/shapes/data.jsonl --objective siglip --model-config siglip-demo-64 --out runs/siglip
 
       paligemma train data/captions/data.jsonl --objective siglip --model-config siglip-demo-64 --hard-negatives 2 --out runs/siglip
-    """
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from paligemma_cli.device import pick_device
-    from paligemma_cli.training.settings import make_trainer, merge_settings
+      torchrun --nproc-per-node 4 -m paligemma_cli train data/train.jsonl --model ./paligemma2-10b-pt-224 --sharding fsdp --out runs/big
+    """
+    from paligemma_cli.distributed import torchrun_world
 
     flags = dict(data=data, out=out, model=model, model_config=model_config, val_data=val_data, steps=steps,
                  batch_size=batch_size, grad_accum=grad_accum, lr=lr, weight_decay=weight_decay,
@@ -72,10 +71,38 @@ def train(
                  gradient_checkpointing=gradient_checkpointing, seed=seed, eval_every=eval_every,
                  save_every=save_every, log_every=log_every, init_vision=init_vision,
                  max_length=max_length, hard_negatives=hard_negatives)
-    objective, settings = merge_settings(config, flags, objective, resume)
-    trainer = make_trainer(objective, settings, pick_device(device), resume)
+    world = torchrun_world(device)
+    try:
+        _train(world, device, flags, config, objective, resume, sharding, json_out)
+    finally:
+        if world is not None:
+            world.close()
+
+
+def _train(world, device: str, flags: dict, config, objective, resume: bool, sharding: str, json_out: bool) -> None:
+    """The run on this process: one process, or (`world`) one rank of a torchrun job, where every rank
+    trains and rank 0 alone reports."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from paligemma_cli.device import pick_device
+    from paligemma_cli.distributed import SHARDINGS, World
+    from paligemma_cli.errors import PaliGemmaError
+    from paligemma_cli.training.settings import make_trainer, merge_settings
+
+    def settings_of_the_run():
+        if sharding not in SHARDINGS:
+            raise PaliGemmaError(f"--sharding must be ddp or fsdp, got {sharding!r}")
+        return merge_settings(config, flags, objective, resume)
+
+    if world is None:
+        objective, settings = settings_of_the_run()
+        world = World(device=pick_device(device))
+    else:
+        objective, settings = world.agree(settings_of_the_run)
+    trainer = make_trainer(objective, settings, world.device, resume, world=world, sharding=sharding)
     cfg = trainer.cfg
-    console = Console(stderr=True)
+    console = Console(stderr=True, quiet=not world.is_main)
     total = trainer.cfg.steps
     progress = Progress(
         TextColumn("[bold]train[/]"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -102,9 +129,15 @@ def train(
                 summary = trainer.run()
         except KeyboardInterrupt:
             saved = trainer.saved_step
-            console.print(f"interrupted: saved step {saved} to {cfg.out}; continue with --resume" if saved
-                          else "interrupted before the first checkpoint: nothing saved")
+            if world.distributed:
+                console.print(f"interrupted: {cfg.out} keeps step {saved}; continue with --resume" if saved
+                              else "interrupted before the first checkpoint: nothing saved")
+            else:
+                console.print(f"interrupted: saved step {saved} to {cfg.out}; continue with --resume" if saved
+                              else "interrupted before the first checkpoint: nothing saved")
             raise typer.Exit(130)
+    if not world.is_main:
+        return
     if json_out:
         print(json.dumps(summary))
     else:

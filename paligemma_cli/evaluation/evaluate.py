@@ -69,7 +69,8 @@ class ScoredExample:
     """One example as evaluated: the model's answer and its own score, or why it was skipped.
 
     score holds per-example values in [0, 1] (exact_match, vqa_accuracy; for detection: accuracy,
-    and the matched/predicted/ground_truth box counts). Empty when `error` is set.
+    and the matched/predicted/ground_truth box counts). Empty when `error` is set. size is the image's
+    (width, height), which places detection boxes when the task is scored.
     """
 
     example: Example
@@ -77,6 +78,7 @@ class ScoredExample:
     prediction: str | None
     score: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    size: tuple[int, int] | None = None
 
     def as_record(self) -> dict:
         """The line written to `--predictions`."""
@@ -285,7 +287,6 @@ def evaluate(
     """
     t0 = time.perf_counter()
     done: list[ScoredExample] = []
-    sizes: list[tuple[int, int]] = []
     for start in range(0, len(examples), batch_size):
         batch: list[ScoredExample] = []
         images, ready = [], []
@@ -302,11 +303,16 @@ def evaluate(
             for item, image, answer in zip(ready, images, answers):
                 item.prediction = answer
                 item.score = score_example(answer, item.example, image.size)
-                sizes.append(image.size)
+                item.size = image.size
         done += batch
         if on_progress is not None:
             on_progress(batch)
+    return report_of(done, time.perf_counter() - t0)
 
-    scored = [item for item in done if item.error is None]
-    tasks = score([s.prediction for s in scored], [s.example for s in scored], sizes) if scored else {}
-    return EvalReport(tasks, done, seconds=time.perf_counter() - t0)
+
+def report_of(items: list[ScoredExample], seconds: float = 0.0) -> EvalReport:
+    """The report of examples answered already (in one process, or gathered from several): every task
+    scored over all its examples together, as corpus metrics need."""
+    scored = [item for item in items if item.error is None]
+    tasks = score([s.prediction for s in scored], [s.example for s in scored], [s.size for s in scored]) if scored else {}
+    return EvalReport(tasks, items, seconds=seconds)

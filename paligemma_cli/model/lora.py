@@ -60,23 +60,26 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def merged_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The model's weights with every adapter folded in, under the plain (un-adapted) names.
 
-    The model itself is left as it is, so training can go on after a save.
+    `state` is the model's `state_dict()` (the default), or a copy of it made elsewhere: gathered whole
+    from the shards of several processes. The model itself is left as it is, so training can go on
+    after a save.
     """
-    state = {}
-    for name, t in model.state_dict().items():
+    state = model.state_dict() if state is None else state
+    merged = {}
+    for name, t in state.items():
         if ".lora_A" in name or ".lora_B" in name:
             continue
         if ".base." in name:
             owner = name[: name.index(".base.")]
-            module = model.get_submodule(owner)
             if name.endswith("weight"):
-                t = t + (module.lora_B @ module.lora_A).to(t.dtype) * module.scale
+                scale = model.get_submodule(owner).scale
+                t = t + (state[owner + ".lora_B"] @ state[owner + ".lora_A"]).to(t.dtype) * scale
             name = owner + name[name.index(".base.") + len(".base"):]
-        state[name] = t.detach()
-    return state
+        merged[name] = t.detach()
+    return merged
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -26,6 +26,7 @@ from typing import Callable, ClassVar
 import torch
 import yaml
 
+from paligemma_cli.distributed import World
 from paligemma_cli.errors import PaliGemmaError
 from paligemma_cli.outputs import atomic_write_text, is_within, mark_folder, marked_kind, resolved, why
 from paligemma_cli.processing.image import load_image
@@ -258,20 +259,30 @@ class TrainState:
 class TrainerBase:
     """The loop, logging and resume state both trainers share. A subclass's `setup()` sets `model`,
     `optimizer`, `examples_per_step` and `missing_images`; it provides `train_step()`, `save()` and
-    `load_weights(weights, folder)`. `run()` trains to `cfg.steps`, saving as it goes and on Ctrl-C."""
+    `load_weights(weights, folder)`. `run()` trains to `cfg.steps`, saving as it goes and on Ctrl-C.
+
+    Under torchrun (`world` of several ranks) every rank builds the same model and reads the same
+    resume state; rank 0 alone writes the run folder, and a trainer that can run so provides
+    `parallelize()` (wrap the model for DDP or FSDP2), `snapshot()` (the tensors to save, gathered
+    whole from the ranks) and `write(snapshot)`.
+    """
 
     examples_per_step: int  # for the examples/s figure
 
-    def __init__(self, cfg: RunSettings, device, on_log: Callable[[dict], None] | None, resume: bool):
+    def __init__(self, cfg: RunSettings, device, on_log: Callable[[dict], None] | None, resume: bool,
+                 world: World | None = None):
         self.cfg = cfg
         self.device = torch.device(device)
+        self.world = world or World(device=self.device)
         self.on_log = on_log or (lambda m: None)
         self.out = Path(cfg.out)
         self.resuming = resume
-        check_run_folder(self.out, resume, [p for p in (cfg.data, cfg.model, getattr(cfg, "val_data", None),
-                                                        getattr(cfg, "init_vision", None)) if p])
+        # Every rank checks before rank 0 writes the marker, so none can see a folder half-marked.
+        self.world.agree(lambda: check_run_folder(self.out, resume, [
+            p for p in (cfg.data, cfg.model, getattr(cfg, "val_data", None), getattr(cfg, "init_vision", None)) if p]))
         self.created_out = not self.out.exists()
-        if not resume:  # from here on the folder is this run's: marked before anything else is written
+        # From here on the folder is this run's: marked (by rank 0) before anything else is written.
+        if not resume and self.world.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             mark_folder(self.out, RUN_KIND)
         self.state = TrainState()
@@ -280,14 +291,24 @@ class TrainerBase:
         self.autocast = pick_autocast(cfg.precision, self.device)
         self._updating = False  # True while weights and optimizer are part-way through one step
         try:
-            self.setup()
-            if resume:
-                self._load_state()
-            else:
-                atomic_write_text(self.out / "train_config.yaml", self.config_yaml())
+            self.world.agree(self._prepare)
+            if self.world.distributed:
+                self.parallelize()
         except BaseException:
-            discard_unfinished_run(self.out, self.created_out)  # nothing half-made is left to look usable
+            if self.world.is_main:
+                discard_unfinished_run(self.out, self.created_out)  # nothing half-made is left to look usable
             raise
+
+    def _prepare(self) -> None:
+        self.setup()
+        if self.resuming:
+            self._load_state()
+        elif self.world.is_main:
+            atomic_write_text(self.out / "train_config.yaml", self.config_yaml())
+
+    def parallelize(self) -> None:
+        """Make the model ready for training on several ranks (each trainer that can)."""
+        raise PaliGemmaError(f"{type(self).__name__} runs in one process; launch it without torchrun")
 
     def setup(self) -> None:
         """Read the data, build the model and the optimizer (each trainer's own)."""
@@ -317,12 +338,16 @@ class TrainerBase:
     def finish_step(self) -> float:
         """Clip, update and count the step; returns the gradient norm before clipping."""
         params = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.clip) if self.cfg.clip > 0 else torch.tensor(0.0)
+        grad_norm = self.clip_gradients(params) if self.cfg.clip > 0 else torch.tensor(0.0)
         self._updating = True
         self.optimizer.step()
         self.state.step += 1
         self._updating = False
         return float(grad_norm)
+
+    def clip_gradients(self, params: list) -> torch.Tensor:
+        """Scale the gradients to a norm of at most `cfg.clip`; returns their norm before."""
+        return torch.nn.utils.clip_grad_norm_(params, self.cfg.clip)
 
     def after_step(self, metrics: dict) -> None:
         """Hook for per-step extras (the captioning trainer's validation loss)."""
@@ -333,7 +358,8 @@ class TrainerBase:
         except KeyboardInterrupt:
             raise  # saved by `_run` where it could be
         except BaseException:
-            discard_unfinished_run(self.out, self.created_out)  # failed before its first checkpoint
+            if self.world.is_main:
+                discard_unfinished_run(self.out, self.created_out)  # failed before its first checkpoint
             raise
 
     def _run(self) -> dict:
@@ -354,8 +380,10 @@ class TrainerBase:
                     self.checkpoint()
         except KeyboardInterrupt:
             # Ctrl-C inside optimizer.step() leaves some weights updated and some not: keep the last
-            # checkpoint then. Anywhere else the weights are those of a finished step.
-            if not self._updating:
+            # checkpoint then. Anywhere else the weights are those of a finished step. Ranks of a torchrun
+            # job are stopped each at its own moment, so none can count on the others to save with it:
+            # the last checkpoint stays.
+            if not self._updating and not self.world.distributed:
                 self.checkpoint()
             raise
         self.checkpoint()
@@ -363,6 +391,8 @@ class TrainerBase:
                 "missing_images": self.missing_images, "out": str(self.out)}
 
     def _log(self, metrics: dict) -> None:
+        if not self.world.is_main:
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps({**metrics, "time": time.time()}) + "\n")
@@ -372,22 +402,46 @@ class TrainerBase:
 
     # --- resume state ------------------------------------------------------------------------------------
 
-    def save_resume_state(self, weights: dict[str, torch.Tensor]) -> None:
+    def save_resume_state(self, weights: dict[str, torch.Tensor], optimizer: dict | None = None) -> None:
         """Write what `--resume` needs beside the checkpoint: `weights` (those the run trains), the
-        optimizer, the RNG states, the step and the settings."""
+        optimizer (its `state_dict()`, unless given whole from the ranks), the RNG states, the step and
+        the settings."""
         info = {"skipped_images": self.state.skipped_images, "bad_images": sorted(self.bad_images),
                 "config": self.cfg.to_dict()}
-        save_state(self.out, self.state.step, weights, self.optimizer.state_dict(), info)
+        save_state(self.out, self.state.step, weights, optimizer or self.optimizer.state_dict(), info)
         self.saved_step = self.state.step
 
     def checkpoint(self) -> None:
-        """`save()`, whose failure (a full disk) is one line saying which step the folder still holds."""
+        """`save()`, whose failure (a full disk) is one line saying which step the folder still holds.
+        Under torchrun every rank gathers its share and rank 0 writes; a failed write stops every rank."""
+        if self.world.distributed:
+            self._merge_bad_images()
+            snapshot = self.snapshot()
+            self.world.agree(lambda: self._saving(lambda: self.write(snapshot)), main_only=True)
+            self.saved_step = self.state.step
+            return
+        self._saving(self.save)
+
+    def _saving(self, save: Callable[[], None]) -> None:
         try:
-            self.save()
+            save()
         except OSError as e:
             kept = f"step {self.saved_step}" if has_state(self.out) else "no checkpoint yet"
             raise PaliGemmaError(f"could not save step {self.state.step} to '{self.out}': {why(e)}; "
                                  f"the run folder keeps {kept}") from None
+
+    def _merge_bad_images(self) -> None:
+        """Every rank learns the unreadable files the others met; each counts once in the run's total."""
+        merged = set().union(*self.world.gather(sorted(self.bad_images)))
+        self.bad_images = merged
+        self.state.skipped_images = len(merged)
+
+    def snapshot(self) -> dict:
+        """What `write` saves, whole on rank 0 (every rank takes part in gathering it)."""
+        raise NotImplementedError
+
+    def write(self, snapshot: dict) -> None:
+        raise NotImplementedError
 
     def check_saved_settings(self, saved: dict) -> None:
         """Refuse to resume with a setting that decides what is trained changed from the saved run's."""
@@ -412,4 +466,5 @@ class TrainerBase:
         self.state.step = self.saved_step = state["step"]
         self.state.skipped_images = state["skipped_images"]
         self.bad_images = set(state.get("bad_images", []))  # absent in states saved before it was kept
-        trim_metrics(self.out, self.state.step)
+        if self.world.is_main:
+            trim_metrics(self.out, self.state.step)

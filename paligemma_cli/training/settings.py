@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from paligemma_cli.distributed import World
 from paligemma_cli.errors import PaliGemmaError
 from paligemma_cli.training.contrastive import CONTRASTIVE_OBJECTIVES, ContrastiveTrainConfig, ContrastiveTrainer
 from paligemma_cli.training.paligemma import TrainConfig, Trainer
@@ -60,9 +61,15 @@ def merge_settings(config: Path | None, flags: dict, objective: str | None, resu
     return objective, settings
 
 
-def make_trainer(objective: str, settings: dict, device, resume: bool) -> Trainer | ContrastiveTrainer:
-    """The trainer for `objective`, set up (data read, model built, resumed if asked) and ready to `run()`."""
+def make_trainer(objective: str, settings: dict, device, resume: bool, world: World | None = None,
+                 sharding: str = "ddp") -> Trainer | ContrastiveTrainer:
+    """The trainer for `objective`, set up (data read, model built, resumed if asked) and ready to `run()`;
+    on a `world` of several ranks (torchrun), data-parallel with `sharding` (ddp or fsdp)."""
     if objective in CONTRASTIVE_OBJECTIVES:
+        if world is not None and world.distributed:
+            # Its loss compares every image with every caption of the batch: split over ranks it would
+            # need the features gathered across them, which this trainer does not do.
+            raise PaliGemmaError(f"--objective {objective} trains in one process; launch it without torchrun")
         cfg = ContrastiveTrainConfig.from_dict({**settings, "objective": objective})
         return ContrastiveTrainer(cfg, device=device, resume=resume)
-    return Trainer(TrainConfig.from_dict(settings), device=device, resume=resume)
+    return Trainer(TrainConfig.from_dict(settings), device=device, resume=resume, world=world, sharding=sharding)
