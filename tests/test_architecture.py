@@ -14,8 +14,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "paligemma_cli"
 
 # What each part may import from the package (besides itself). Lower layers never import higher ones:
-# errors, device < model < speed < checkpoints < processing, data < inference < evaluation, training <
-# settings, commands, cli.
+# errors, device < model < speed < checkpoints < processing, data < inference < evaluation, training,
+# server < settings, commands, cli.
 ALLOWED = {
     "errors": set(),
     "device": {"errors"},
@@ -28,10 +28,11 @@ ALLOWED = {
     "evaluation": {"errors", "data", "processing", "inference"},
     "training": {"errors", "model", "checkpoints", "processing", "data"},
     "settings": {"errors", "checkpoints"},
+    "server": {"errors", "model", "processing", "inference"},  # the HTTP app over inference's engine
     "core": {"model"},  # the deprecated alias of the old layout
     "options": set(),
     "commands": {"errors", "device", "model", "speed", "checkpoints", "processing", "data", "inference",
-                 "evaluation", "training", "settings", "options", "cli"},
+                 "evaluation", "training", "settings", "options", "cli", "server"},
     "cli": {"errors", "__init__"},  # __version__
     "__init__": {"checkpoints", "inference", "model"},
     "__main__": {"cli"},
