@@ -58,6 +58,8 @@ def serve(
                                                   "tower).")] = 256.0,
     fast_layout: Annotated[bool, typer.Option("--fast-layout/--no-fast-layout", help="Give the weights the "
                                               "CPU's fastest layout at load (seconds once; faster decoding).")] = True,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for the model's math. "
+                                                   "Default: torch's (one per core).", show_default=False)] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     quantize: QuantizeOpt = "none",
@@ -106,6 +108,10 @@ def serve(
     # re-raises the signal, which the recording handler swallows so that a requested stop exits 0.
     previous = {sig: signal.signal(sig, _stop_now) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
         app, names = _load_app(model, embedding_model, model_name, device, dtype, quantize, fast_layout, console,
                                max_batch=max_batch, max_queue=max_queue, max_tokens=max_tokens,
                                max_images=max_images, image_cache_mb=image_cache_mb, api_key=api_key, lang=lang,

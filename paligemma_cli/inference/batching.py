@@ -358,13 +358,11 @@ class BatchEngine:
                 for job in self.rows:
                     if job.id in cancelled:
                         job.cancelled = True
-                for job in admit:
-                    if job.id in cancelled:
-                        self._finish_queued(job, "cancelled")
-                    elif not self._join(job):
-                        with self._cond:  # no room in the cache yet: wait at the front of the queue
-                            self._waiting.appendleft(job)
-                        break
+                for job in [job for job in admit if job.id in cancelled]:
+                    self._finish_queued(job, "cancelled")
+                rest = self._admit([job for job in admit if job.id not in cancelled])
+                with self._cond:  # no room in the cache for these yet: back to the front of the queue
+                    self._waiting.extendleft(reversed(rest))
                 self._retire()
                 if self.rows:
                     self._step()
@@ -395,73 +393,103 @@ class BatchEngine:
         except Exception:  # a caller's callback must not stop the batch
             log.exception("request %d: event callback failed", job.id)
 
-    # Admission: prefill alone, then move into a free row -------------------------------------------------
+    # Admission: prefill together, then move into free rows ---------------------------------------------
 
-    def _join(self, job: _Job) -> bool:
-        """Prefill `job` and give it row len(rows), its first token out. False when the cache has no room
-        for it yet (it goes back to the queue); a request that cannot be served at all is failed."""
-        P, M = len(job.ids), job.request.opts.max_new_tokens
-        if not self._make_room(P, M):
-            return False
-        job.admitted = time.monotonic()
+    def _admit(self, jobs: list[_Job]) -> list[_Job]:
+        """Prefill as many of `jobs` as the cache has room for, in one batch, and give each a row (their first
+        tokens go out). Returns the jobs that must wait for room; a group whose prefill fails is failed."""
+        group = []
+        for job in jobs:
+            if not self._fits(group + [job]):
+                break
+            group.append(job)
+        if not group:
+            return jobs
+        T = max(len(job.ids) for job in group)
+        self._make_room(T, group)
+        now = time.monotonic()
+        for job in group:
+            job.admitted = now
         try:
-            one = self._prefill(job)
+            one = self._prefill(group, T)
         except Exception as e:
-            log.exception("request %d: prefill failed", job.id)
-            self._emit(job, Failed(f"prefill failed: {e}"))
-            return True
-        r, L = len(self.rows), self.length
-        c = self.cache
-        for layer in range(len(c.k)):
-            c.k[layer][r, :, L - P:L] = one.k[layer][0]
-            c.v[layer][r, :, L - P:L] = one.v[layer][0]
-        c.valid[r] = False
-        c.prefix[r] = False
-        c.valid[r, L - P:L] = one.valid[0]
-        c.prefix[r, L - P:L] = one.prefix[0]
-        c.next_pos[r] = one.next_pos[0]
-        job.start, job.end = L - P, L + M
-        self.rows.append(job)  # a job already done (eos first) leaves again at the next `_retire`
-        return True
+            log.exception("prefill of %d requests failed", len(group))
+            for job in group:
+                self._emit(job, Failed(f"prefill failed: {e}"))
+            return jobs[len(group):]
+        L, c = self.length, self.cache
+        for b, job in enumerate(group):
+            r = len(self.rows)
+            for layer in range(len(c.k)):
+                c.k[layer][r, :, L - T:L] = one.k[layer][b]
+                c.v[layer][r, :, L - T:L] = one.v[layer][b]
+            c.valid[r] = False
+            c.prefix[r] = False
+            c.valid[r, L - T:L] = one.valid[b]  # left padding stays invalid
+            c.prefix[r, L - T:L] = one.prefix[b]
+            c.next_pos[r] = one.next_pos[b]
+            job.start, job.end = L - T, L + job.request.opts.max_new_tokens
+            self.rows.append(job)  # a job already done (eos first) leaves again at the next `_retire`
+        return jobs[len(group):]
 
-    def _prefill(self, job: _Job) -> KVCache:
-        """Vision features (cached per image) and the prompt's keys and values in a one-row cache; the
-        first token is sampled and sent."""
-        req, model, dev = job.request, self.model, self.model.device
-        feats = torch.cat([self._image_features(px) for px in req.pixel_values], dim=0)[None]  # (1, K*N, D)
-        ids = torch.tensor([job.ids], device=dev)
-        one = model.new_cache(1, len(job.ids))
-        logits = model.extend(one, ids, token_type_ids=torch.zeros_like(ids), image_features=feats)
-        opts = req.opts
-        if opts.seed is not None:
-            job.generator = torch.Generator(device=dev).manual_seed(opts.seed)
-        job.decoder = self.tokenizer.stream()
-        job.text = StopText(req.stop)
-        token = int(sample(logits, opts, job.generator)[0])
-        job.first_token_s = time.monotonic() - job.submitted
-        self._advance(job, token)
+    def _fits(self, group: list[_Job]) -> bool:
+        """Whether the rows and `group`, prefilled to end at the write slot, fit in the cache's slots."""
+        T = max(len(job.ids) for job in group)
+        M = max(job.request.opts.max_new_tokens for job in group)
+        if not self.rows:
+            return T + M <= self.capacity
+        lo = min(min(job.start for job in self.rows), self.length - T)
+        hi = max(max(job.end for job in self.rows), self.length + M)
+        return hi - lo <= self.capacity
+
+    def _make_room(self, T: int, group: list[_Job]) -> None:
+        """Put the write slot where T prompt slots end, shifting the rows so the earliest used slot is 0."""
+        if not self.rows:
+            self.length = T
+            return
+        self._shift(-min(min(job.start for job in self.rows), self.length - T))
+
+    def _prefill(self, group: list[_Job], T: int) -> KVCache:
+        """The group's prompts, left-padded to T, in a cache of their own; first tokens sampled and sent.
+
+        Vision features come per image from the cache, or from the tower for the images not in it."""
+        model, dev, B = self.model, self.model.device, len(group)
+        feats = self._features([px for job in group for px in job.request.pixel_values])  # (sum K*N, D)
+        ids = torch.full((B, T), self.tokenizer.pad_id, dtype=torch.long)
+        mask = torch.zeros(B, T, dtype=torch.long)
+        for b, job in enumerate(group):
+            ids[b, T - len(job.ids):] = torch.tensor(job.ids)
+            mask[b, T - len(job.ids):] = 1
+        ids = ids.to(dev)
+        padded = bool((mask == 0).any())
+        one = model.new_cache(B, T)
+        # Without padding no mask is passed: one prompt alone takes exactly `Pipeline.generate`'s path.
+        logits = model.extend(one, ids, token_type_ids=torch.zeros_like(ids),
+                              attention_mask=mask.to(dev) if padded else None, image_features=feats[None])
+        for b, job in enumerate(group):
+            opts = job.request.opts
+            if opts.seed is not None:
+                job.generator = torch.Generator(device=dev).manual_seed(opts.seed)
+            job.decoder = self.tokenizer.stream()
+            job.text = StopText(job.request.stop)
+            token = int(sample(logits[b:b + 1], opts, job.generator)[0])
+            job.first_token_s = time.monotonic() - job.submitted
+            self._advance(job, token)
         return one
 
-    def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(3, S, S) -> (N, D) projected features, from the cache when the same pixels were seen."""
-        key = FeatureCache.key(pixels)
-        feats = self.features.get(key)
-        if feats is None:
-            feats = self.model.image_features(pixels[None].to(self.model.device))[0]
-            self.features.put(key, feats)
-        return feats
-
-    def _make_room(self, P: int, M: int) -> bool:
-        """Shift the rows so that a prompt of P slots can end at the write slot and M more fit after it."""
-        if not self.rows:
-            self.length = P
-            return True
-        lo = min(min(job.start for job in self.rows), self.length - P)
-        hi = max(max(job.end for job in self.rows), self.length + M)
-        if hi - lo > self.capacity:
-            return False
-        self._shift(-lo)
-        return True
+    def _features(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """(K, 3, S, S) images -> (K * N, D) projected features: cached ones reused, the distinct others
+        computed by the vision tower in one batch."""
+        keys = [FeatureCache.key(px) for px in images]
+        found = {key: self.features.get(key) for key in dict.fromkeys(keys)}
+        todo = [key for key, feats in found.items() if feats is None]
+        if todo:
+            first = {key: px for key, px in zip(reversed(keys), reversed(images))}
+            pixels = torch.stack([first[key] for key in todo]).to(self.model.device)
+            for key, feats in zip(todo, self.model.image_features(pixels)):
+                found[key] = feats.clone()  # not a view that would keep the whole batch alive in the cache
+                self.features.put(key, found[key])
+        return torch.cat([found[key] for key in keys], dim=0)
 
     def _shift(self, d: int) -> None:
         """Move every row's used slots by d (left when d < 0); positions live in `next_pos`, so the rows'

@@ -150,7 +150,7 @@ def test_two_image_and_seeded_requests_equal_their_reference_in_a_mixed_batch(pi
     assert [results[i][0] for i in range(len(cases))] == expected
     greedy = reference_tokens(pipe, [b], "caption en", SamplingOptions(max_new_tokens=25))
     assert expected[1] != greedy  # the seeded request really sampled
-    assert engine.features.hits >= 2  # a and b were each seen again after their first request
+    assert engine.features.misses == 2  # the vision tower ran once per distinct image (a, b)
 
 
 def test_stop_strings_cut_the_answer_and_hold_back_their_start():
