@@ -116,7 +116,7 @@ def serve(
                                max_batch=max_batch, max_queue=max_queue, max_tokens=max_tokens,
                                max_images=max_images, image_cache_mb=image_cache_mb, api_key=api_key, lang=lang,
                                max_body_bytes=int(max_body_mb * 2**20), max_image_pixels=max_image_pixels,
-                               request_timeout_s=request_timeout, grace_s=grace, allow_remote=allow_remote_images,
+                               request_timeout_s=request_timeout, allow_remote=allow_remote_images,
                                allow_files=allow_files.expanduser().resolve() if allow_files else None)
         _log_to_stderr()
         bound_host, bound_port = sock.getsockname()[:2]

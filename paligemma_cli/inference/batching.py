@@ -8,20 +8,22 @@ One `BatchEngine` owns the model and a KV cache of `max_batch` rows, allocated o
 
     admit waiting requests into free rows -> drop cancelled or late rows -> one decode step for all rows
 
-A request that joins is prefilled alone, in a one-row cache of exactly its prompt's length, so its first
-token is computed as `Pipeline.generate` computes it for one prompt. Its keys and values are then copied
-into a free row so that they end at the batch's write slot `length`; the row's earlier slots are marked
-invalid. Every row keeps its own RoPE positions (`KVCache.next_pos`), and the prefix-LM mask only
-compares slots within a row, so rows never see each other and slot offsets do not change the math.
-Rows in use are kept first (rows [0, n)): a decode step runs the model on a view of those rows only,
-and a row that leaves is filled by moving the last row into it. When the write slot reaches the end of
-the cache, or when a request joins, the rows' slots are shifted so that the earliest one used is slot 0.
+Requests admitted at the same boundary are prefilled together, left-padded, in a cache of their own
+(one request alone takes exactly `Pipeline.generate`'s path for one prompt); the images among them that
+the feature cache does not hold go through the vision tower in one batch. Each prompt's keys and values
+are then copied into a free row so that they end at the batch's write slot `length`; the row's earlier
+slots are marked invalid. Every row keeps its own RoPE positions (`KVCache.next_pos`), and the prefix-LM
+mask only compares slots within a row, so rows never see each other and slot offsets do not change the
+math. Rows in use are kept first (rows [0, n)): a decode step runs the model on a view of those rows
+only, and a row that leaves is filled by moving the last row into it. When requests join, and when the
+write slot reaches the end of the cache, the rows' slots are shifted so that the earliest one used is 0.
 
 The cache holds `capacity = max_prompt_tokens + 2 * max_new_tokens` slots. That is always enough: a row
 still running at slot L started at most `P_old + M_old` slots before it, and a newcomer needs at most
 `M_new` after it. Identical images share their vision-tower features through a content-hash cache
-(`FeatureCache`); nothing else is shared between requests, so an answer never depends on its neighbours
-beyond floating-point rounding of batched matmuls.
+(`FeatureCache`): a hit gives the very tensor computed before. Nothing else is shared between requests,
+so an answer depends on its neighbours at most through the floating-point rounding of batched matmuls
+(none was seen on this project's test CPUs: batched and one-at-a-time greedy answers are identical).
 """
 
 from __future__ import annotations
@@ -355,17 +357,15 @@ class BatchEngine:
                     admit = []
                     while self._waiting and len(self.rows) + len(admit) < self.max_batch:
                         admit.append(self._waiting.popleft())
-                for job in self.rows:
-                    if job.id in cancelled:
-                        job.cancelled = True
-                for job in [job for job in admit if job.id in cancelled]:
-                    self._finish_queued(job, "cancelled")
-                rest = self._admit([job for job in admit if job.id not in cancelled])
-                with self._cond:  # no room in the cache for these yet: back to the front of the queue
-                    self._waiting.extendleft(reversed(rest))
-                self._retire()
-                if self.rows:
-                    self._step()
+                try:
+                    self._iterate(admit, cancelled)
+                except Exception as e:  # a bug must cost the requests in flight, not the server
+                    log.exception("the batch loop failed; failing the %d running requests", len(self.rows))
+                    with self._cond:
+                        requeued = set(map(id, self._waiting))
+                    for job in self.rows + [job for job in admit if id(job) not in requeued]:
+                        self._fail(job, f"internal error: {e}")
+                    self.rows.clear()
             with self._cond:
                 leftover = list(self._waiting)
                 self._waiting.clear()
@@ -374,6 +374,20 @@ class BatchEngine:
             for job in self.rows:
                 job.cancelled = True
             self._retire()
+
+    def _iterate(self, admit: list[_Job], cancelled: set[int]) -> None:
+        """One pass of the loop: mark cancelled rows, admit `admit` (or queue them again), retire, step."""
+        for job in self.rows:
+            if job.id in cancelled:
+                job.cancelled = True
+        for job in [job for job in admit if job.id in cancelled]:
+            self._finish_queued(job, "cancelled")
+        rest = self._admit([job for job in admit if job.id not in cancelled])
+        with self._cond:  # no room in the cache for these yet: back to the front of the queue
+            self._waiting.extendleft(reversed(rest))
+        self._retire()
+        if self.rows:
+            self._step()
 
     def _expire_queued(self) -> None:
         now = time.monotonic()
@@ -385,6 +399,12 @@ class BatchEngine:
     def _finish_queued(self, job: _Job, reason: str) -> None:
         now = time.monotonic()
         self._emit(job, Finished(reason, "", len(job.ids), 0, now - job.submitted, None, now - job.submitted))
+
+    def _fail(self, job: _Job, message: str) -> None:
+        """End `job` with `Failed`, once (a job that already finished is left alone)."""
+        if job.finish_reason is None:
+            job.finish_reason = "failed"
+            self._emit(job, Failed(message))
 
     @staticmethod
     def _emit(job: _Job, event: Event) -> None:
@@ -413,9 +433,13 @@ class BatchEngine:
         try:
             one = self._prefill(group, T)
         except Exception as e:
-            log.exception("prefill of %d requests failed", len(group))
+            if len(group) > 1 and all(job.decoder is None for job in group):
+                # One request's trouble must not fail its neighbours: each is tried again alone.
+                log.warning("prefill of %d requests failed (%s); trying them one by one", len(group), e)
+                return [left for job in group for left in self._admit([job])] + jobs[len(group):]
+            log.exception("prefill failed")
             for job in group:
-                self._emit(job, Failed(f"prefill failed: {e}"))
+                self._fail(job, f"prefill failed: {e}")
             return jobs[len(group):]
         L, c = self.length, self.cache
         for b, job in enumerate(group):
@@ -526,7 +550,7 @@ class BatchEngine:
         except Exception as e:
             log.exception("decode step failed; failing the %d running requests", n)
             for job in self.rows:
-                self._emit(job, Failed(f"decode step failed: {e}"))
+                self._fail(job, f"decode step failed: {e}")
             self.rows.clear()
             return
         self.length = view.length

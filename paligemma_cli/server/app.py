@@ -216,6 +216,7 @@ class OpenAIServer:
 
     async def _complete(self, request, ticket, events, cid, model, req, width, height, wait_s) -> Response:
         gone = asyncio.ensure_future(_disconnected(request))
+        answered = False
         try:
             deadline = time.monotonic() + wait_s
             while True:
@@ -232,6 +233,7 @@ class OpenAIServer:
                 event = get.result()
                 if isinstance(event, TextDelta):
                     continue
+                answered = True
                 if isinstance(event, Failed):
                     raise ApiError(500, f"the model failed on this request: {event.message}", "generation_failed")
                 _raise_unless_answered(event)
@@ -240,6 +242,8 @@ class OpenAIServer:
                 return JSONResponse(completion_body(cid, model, event, req.prompt.prompt, found))
         finally:
             gone.cancel()
+            if not answered:  # the handler itself was cancelled (a forced shutdown): free the row
+                ticket.cancel()
 
     async def _stream(self, request, ticket, events, cid, model, req, width, height, wait_s):
         ended = False

@@ -31,7 +31,6 @@ class ServerConfig:
     allow_files: a folder whose files image URLs may name (`file://` or a path); None: no files.
     allow_remote: fetch http(s) image URLs (off: the server never connects anywhere itself).
     remote_timeout_s: per remote image.
-    grace_s: on SIGTERM, how long running requests get to finish before they are cancelled.
     """
 
     model_name: str | None = "paligemma"
@@ -48,7 +47,6 @@ class ServerConfig:
     allow_files: Path | None = None
     allow_remote: bool = False
     remote_timeout_s: float = 10.0
-    grace_s: float = 30.0
 
 
 def is_loopback(host: str) -> bool:

@@ -220,3 +220,44 @@ def test_a_late_request_times_out_and_a_cancelled_one_frees_its_row(pipe):
     assert results[0][1].reason == "cancelled" and results[0][1].completion_tokens < 256
     assert results[1][1].reason == "timeout"
     assert engine.rows == []
+
+
+def test_a_failing_step_fails_only_the_requests_in_flight_and_the_engine_serves_on(pipe, monkeypatch):
+    engine = BatchEngine(pipe, max_batch=2, max_new_tokens=8)
+    step, calls = engine._step, []
+    monkeypatch.setattr(engine, "_step", lambda: (calls.append(1), step() if len(calls) > 1 else 1 / 0))
+    engine.start()
+    px = pipe.processor.pixel_values([Image.new("RGB", (8, 8), (9, 9, 9))])
+    first = Collector(1)
+    engine.submit(BatchRequest("caption en", px, SamplingOptions(max_new_tokens=8), first.on(0)))
+    (_, failed), = first.wait().values()
+    second = Collector(1)
+    engine.submit(BatchRequest("caption en", px, SamplingOptions(max_new_tokens=3), second.on(0)))
+    (_, done), = second.wait().values()
+    engine.stop()
+    assert isinstance(failed, Failed) and "division by zero" in failed.message
+    assert isinstance(done, Finished) and done.completion_tokens >= 1
+
+
+def test_when_a_group_prefill_fails_its_requests_are_tried_one_by_one(pipe, monkeypatch):
+    requests = random_requests(3, seed=5)
+    expected = [pipe.generate([im], [p], SamplingOptions(max_new_tokens=m))[0] for im, p, m in requests]
+    engine = BatchEngine(pipe, max_batch=3, max_new_tokens=40)
+    prefill, sizes = engine._prefill, []
+
+    def only_alone(group, T):
+        sizes.append(len(group))
+        if len(group) > 1:
+            raise RuntimeError("no batches today")
+        return prefill(group, T)
+
+    monkeypatch.setattr(engine, "_prefill", only_alone)
+    got = Collector(3)
+    for i, (image, prompt, m) in enumerate(requests):  # queued before the loop starts: admitted as one group
+        engine.submit(BatchRequest(prompt, pipe.processor.pixel_values([image]), SamplingOptions(max_new_tokens=m),
+                                   got.on(i)))
+    engine.start()
+    results = got.wait()
+    engine.stop()
+    assert sizes[0] == 3 and sizes[1:] == [1, 1, 1]
+    assert [results[i][0] for i in range(3)] == expected
