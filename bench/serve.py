@@ -1,7 +1,8 @@
 """`paligemma serve` under load: agreement with `paligemma ask`, batching speed-up, and a soak of abuse.
 
 A bounded load generator on 127.0.0.1 against the real server (a child process, `python -m paligemma_cli
-serve`), in three parts, each optional (`--skip`):
+serve`), in three parts, each optional (`--skip`), after `phases`: the engine's own costs in this process
+(vision tower, prefill, decode step; batch 1 and 8), which say how much batching can give at most.
 
 - agreement: 8 (image, prompt) pairs answered by `paligemma ask` (child processes, greedy) and by the
   server alone, streamed, and as 8 concurrent mixed requests; how many answers are identical.
@@ -274,17 +275,17 @@ def percentile(xs: list, q: float) -> float:
 
 
 def speed(server: Server, requests: list, rounds: int) -> dict:
-    """The same requests one after another, then all at once, `rounds` times each (streamed). Clients and
-    their connections are made before the clock starts; a round's wall time runs from its first request's
-    start to its last one's end."""
-    clients = [httpx.Client(timeout=3600) for _ in requests]
+    """The same requests one after another, then all at once, alternating, `rounds` times each (streamed),
+    so that a change in the shared machine's load hits both. Clients and their connections are made
+    before the clock starts; a round's wall time runs from its first request's start to its last one's end."""
+    clients = [httpx.Client(timeout=None) for _ in requests]
     call(clients[0], server.url, requests[0])  # warm-up: the first call's one-time costs are not batching's
     for c in clients:
         c.get(server.url + "/health")  # each client's connection is open before the clock starts
-    out = {}
-    for mode in ("sequential", "concurrent"):
-        results, walls = [], []
-        for r in range(rounds):
+    results = {"sequential": [], "concurrent": []}
+    walls = {"sequential": [], "concurrent": []}
+    for r in range(rounds):
+        for mode in ("sequential", "concurrent"):
             if mode == "sequential":
                 got = [timed_call(clients[0], server.url, p) for p in requests]
             else:
@@ -299,23 +300,28 @@ def speed(server: Server, requests: list, rounds: int) -> dict:
             if bad:
                 raise SystemExit(f"{mode}: {len(bad)} requests failed: {bad[:2]}")
             wall = max(g["end"] for g in got) - min(g["start"] for g in got)
-            walls.append(wall)
-            results += got
+            walls[mode].append(wall)
+            results[mode] += got
             tokens = sum(g["tokens"] for g in got)
             log(f"{mode} round {r + 1}: {tokens} tokens in {wall:.2f}s = {tokens / wall:.2f} tok/s")
-        per_round_tokens = sum(g["tokens"] for g in results) / rounds
-        ttft = [g["ttft_s"] for g in results]
-        per_client = [g["tokens"] / g["total_s"] for g in results]
+    for c in clients:
+        c.close()
+    out = {}
+    for mode in ("sequential", "concurrent"):
+        per_round_tokens = sum(g["tokens"] for g in results[mode]) / rounds
+        ttft = [g["ttft_s"] for g in results[mode]]
+        per_client = [g["tokens"] / g["total_s"] for g in results[mode]]
         out[mode] = {"rounds": rounds, "tokens_per_round": per_round_tokens,
-                     "wall_s": [round(w, 3) for w in walls],
-                     "aggregate_tokens_per_s": round(statistics.median(per_round_tokens / w for w in walls), 3),
+                     "wall_s": [round(w, 3) for w in walls[mode]],
+                     "aggregate_tokens_per_s": round(statistics.median(per_round_tokens / w for w in walls[mode]), 3),
                      "ttft_p50_s": round(percentile(ttft, 50), 4), "ttft_p99_s": round(percentile(ttft, 99), 4),
                      "client_tokens_per_s_p50": round(percentile(per_client, 50), 3),
                      "client_tokens_per_s_min": round(min(per_client), 3)}
-    for c in clients:
-        c.close()
+    ratios = [s / c for s, c in zip(walls["sequential"], walls["concurrent"])]  # same tokens: wall ratio
     out["speedup_aggregate"] = round(out["concurrent"]["aggregate_tokens_per_s"]
                                      / out["sequential"]["aggregate_tokens_per_s"], 3)
+    out["speedup_per_round"] = {"median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3),
+                                "max": round(max(ratios), 3)}
     return out
 
 
@@ -426,6 +432,51 @@ def invalid_request(c: httpx.Client, url: str, bad: str, image_url: str) -> int:
     return c.post(target, json=payload, headers=auth).status_code
 
 
+def phases(folder: Path, args, images: list) -> dict:
+    """Engine costs in this process, without HTTP: ms for the vision tower, a prompt's prefill and a decode
+    step, alone and for 8 rows at once (medians of 5): what batching can and cannot speed up."""
+    import torch
+
+    from paligemma_cli.inference.pipeline import Pipeline
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe = Pipeline.load(folder, "cpu", args.dtype, fast_layout=True)
+    model = pipe.model
+    ids = torch.tensor([pipe.processor.prompt_ids("caption en")])
+    out = {}
+
+    def ms(fn, reps=5):
+        fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1000)
+        return round(statistics.median(times), 2)
+
+    with torch.inference_mode():
+        for B in (1, N_CLIENTS):
+            px = pipe.processor.pixel_values(images[:B])
+            feats = model.image_features(px)
+            batch = ids.expand(B, -1)
+            out[f"vision_b{B}_ms"] = ms(lambda: model.image_features(px))
+
+            def prefill():
+                cache = model.new_cache(B, batch.shape[1] + 2)
+                model.extend(cache, batch, token_type_ids=torch.zeros_like(batch), image_features=feats)
+                return cache
+            out[f"prefill_b{B}_ms"] = ms(prefill)
+            cache, token = prefill(), torch.full((B, 1), 5)
+
+            def step():
+                snap = cache.snapshot()
+                model.extend(cache, token)
+                cache.restore(snap)
+            out[f"decode_step_b{B}_ms"] = ms(step, 20)
+    return out
+
+
 # --- main -----------------------------------------------------------------------------------------------
 
 
@@ -442,7 +493,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--soak", type=int, default=1000)
     ap.add_argument("--soak-clients", type=int, default=16)
-    ap.add_argument("--skip", default="", help="comma-separated: agreement, speed, soak")
+    ap.add_argument("--skip", default="", help="comma-separated: phases, agreement, speed, soak")
     ap.add_argument("--cache", type=Path, default=Path("~/.cache/paligemma-bench").expanduser())
     ap.add_argument("--json", type=Path, help="write the report here")
     args = ap.parse_args(argv)
@@ -456,6 +507,11 @@ def main(argv=None) -> dict:
     folder = DEMO_MODEL if args.model == "demo" else random_checkpoint(args.model, args.cache)
     size = PaliGemmaConfig.from_json(folder / "config.json").image_size
     report["model"] = {"name": args.model, "folder": str(folder), "dtype": args.dtype, "image_size": size}
+    images = scenes(20, size)
+    if "phases" not in skip:
+        log("phases: vision, prefill and a decode step at batch 1 and 8, in this process")
+        report["phases"] = phases(folder, args, images)
+        log(f"phases: {report['phases']}")
     work = args.cache / "serve-work"
     work.mkdir(parents=True, exist_ok=True)
     log_file = work / f"server-{args.model}.log"
@@ -464,7 +520,6 @@ def main(argv=None) -> dict:
     server = Server(folder, args, log_file)
     report["server_start_s"] = round(time.perf_counter() - t0, 2)
     report["rss_after_start_mb"] = round(server.rss_mb(), 1)
-    images = scenes(20, size)
     questions = ["caption en", "what color is the circle?", "detect circle", "how many shapes are there?",
                  "caption en", "detect square ; triangle", "answer en is the circle left of the square?", "caption en"]
     try:
