@@ -277,9 +277,9 @@ class OpenAIServer:
                 yield "data: [DONE]\n\n"
                 return
         finally:
-            if not ended:  # the client left (or the wait ran out): free the row now
+            if not ended:  # the client left, or the wait ran out: free the row now
                 ticket.cancel()
-                request.state.log += " cancelled_by_client"
+                request.state.log += " stream_cut"
 
     async def embeddings(self, request: Request) -> Response:
         self.authorize(request)
