@@ -14,8 +14,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "paligemma_cli"
 
 # What each part may import from the package (besides itself). Lower layers never import higher ones:
-# errors, outputs, device < distributed, model, processing < speed < checkpoints < data < inference < evaluation,
-# training < settings, commands, cli.
+# errors, outputs, machine, device < distributed, model, processing < speed < checkpoints < data < inference <
+# evaluation, training, server < settings, commands, cli.
 ALLOWED = {
     "errors": set(),
     "outputs": {"errors"},  # where outputs may go; like errors, every part may use it
@@ -31,10 +31,11 @@ ALLOWED = {
     "evaluation": {"errors", "outputs", "data", "processing", "inference"},
     "training": {"errors", "outputs", "distributed", "model", "checkpoints", "processing", "data"},
     "settings": {"errors", "checkpoints"},
+    "server": {"errors", "model", "processing", "inference"},  # the HTTP app over inference's engine
     "core": {"model"},  # the deprecated alias of the old layout
     "options": set(),
     "commands": {"errors", "outputs", "machine", "device", "distributed", "model", "speed", "checkpoints",
-                 "processing", "data", "inference", "evaluation", "training", "settings", "options", "cli"},
+                 "processing", "data", "inference", "evaluation", "training", "settings", "options", "cli", "server"},
     "cli": {"errors", "outputs", "__init__"},  # __version__
     "__init__": {"checkpoints", "inference", "model"},
     "__main__": {"cli"},

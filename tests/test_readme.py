@@ -52,6 +52,15 @@ def sh_lines(page: Path) -> list[str]:
     return lines
 
 
+def console_lines(page: Path) -> list[str]:
+    """`$ …` lines of a page's console blocks (commands that do not finish, like a server: parsed, not run)."""
+    lines = []
+    for block in re.findall(r"```console\n(.*?)```", page.read_text(), flags=re.S):
+        lines += [shlex.join(shlex.split(line[2:], comments=True)) for line in block.splitlines()
+                  if line.startswith("$ ")]
+    return lines
+
+
 def readme_commands(page: Path = README) -> list[str]:
     """`paligemma …` lines of a page's sh blocks (also after `&&` in the set-up line)."""
     return [line for line in sh_lines(page) if line.startswith("paligemma ")]
@@ -202,7 +211,7 @@ def all_command_lines() -> list[tuple[str, str]]:
     """(page, command) for every command line shown anywhere, in sh blocks or inline."""
     found = []
     for page in PAGES:
-        for command in sh_lines(page) + inline_commands(page):
+        for command in sh_lines(page) + console_lines(page) + inline_commands(page):
             if command.startswith(("paligemma ", "python bench/")):
                 found.append((name(page), command))
     return found

@@ -52,18 +52,26 @@ class PaliGemma(nn.Module):
         """(B, 3, S, S) -> (B, N, D_text)."""
         return self.multi_modal_projector(self.vision_tower(pixel_values.to(self.dtype)))
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T) ids -> (B, T, D) embeddings with image features in the `<image>` slots."""
-        if pixel_values is None and self.config.image_token_id < self.config.text.vocab_size:
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) ids -> (B, T, D) embeddings with image features in the `<image>` slots.
+
+        `image_features` (B, N, D), as `image_features()` returned them earlier (a server that caches
+        them per image), stand in for `pixel_values`.
+        """
+        has_images = pixel_values is not None or image_features is not None
+        if not has_images and self.config.image_token_id < self.config.text.vocab_size:
             return self.language_model.embed(input_ids)  # text only (a question, a decode step)
         is_image = input_ids == self.config.image_token_id
         if self.config.image_token_id >= self.config.text.vocab_size:
             # Small checkpoints may put <image> past the embedding table; its row is replaced anyway.
             input_ids = input_ids.masked_fill(is_image, 0)
         x = self.language_model.embed(input_ids)
-        if pixel_values is None:
+        if not has_images:
             return x
-        feats = self.image_features(pixel_values).to(x.dtype)  # (B, N, D)
+        if image_features is None:
+            image_features = self.image_features(pixel_values)
+        feats = image_features.to(x.dtype)  # (B, N, D)
         if int(is_image.sum()) != feats.shape[0] * feats.shape[1]:
             raise PaliGemmaError(
                 f"the prompt has {int(is_image.sum())} <image> tokens but the images give "
@@ -107,17 +115,18 @@ class PaliGemma(nn.Module):
 
     def extend(self, cache: KVCache, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                token_type_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-               ) -> torch.Tensor:
+               image_features: torch.Tensor | None = None) -> torch.Tensor:
         """Append (B, T) tokens to the cache and return the logits of the last slot, (B, vocab).
 
         Prefill is the first call (with the image); each decode step is a call with T = 1. Rows are kept
         aligned by padding, which must be on the left of a prompt so that the last slot is real.
         `attention_mask=None` means no padding; `token_type_ids=None` means all suffix (type 1).
+        `image_features` may replace `pixel_values` (see `embed`).
         Only the last slot's logits are computed, so the last layer skips the other slots' attention
         output and MLP (their keys and values still go into the cache).
         """
         start, end, positions = cache.claim(input_ids, token_type_ids, attention_mask)
-        x = self.embed(input_ids, pixel_values)
+        x = self.embed(input_ids, pixel_values, image_features)
         q_slots = torch.arange(start, end, device=input_ids.device)
         masks = self.attention_masks(q_slots, cache.prefix[:, start:end], cache.valid[:, :end], cache.prefix[:, :end])
         h = self.language_model(x, positions, masks, cache, last_only=True)  # (B, 1, D)

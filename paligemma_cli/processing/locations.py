@@ -24,6 +24,7 @@ _MAX_BIN = NUM_BINS - 1
 # after matching, so that a piece with 3 or 5 of them is skipped rather than half-read.
 _OBJECT = re.compile(r"^((?:<loc\d+>)+)((?:<seg\d+>)*)\s*(.*?)\s*$", re.DOTALL)
 _LOC = re.compile(r"<loc(\d+)>")
+_SEG = re.compile(r"<seg(\d+)>")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class Box:
     x0, y0, x1, y1: corners in pixels of the original image (x right, y down).
     bins: the model's (y0, x0, y1, x1) location bins, 0..1023, in token order; None for boxes that
         did not come from model output (ground truth).
+    seg: a segmentation answer's `<segNNN>` codes (0..127) for this object, in order: the mask's
+        VQ-VAE code, which big_vision's decoder turns into a mask; None when the answer had none.
     """
 
     label: str
@@ -41,6 +44,7 @@ class Box:
     x1: float
     y1: float
     bins: tuple[int, int, int, int] | None = None
+    seg: tuple[int, ...] | None = None
 
     @property
     def area(self) -> float:
@@ -81,6 +85,7 @@ def parse_detections(text: str, width: int, height: int) -> list[Box]:
                 x1=x1 / _MAX_BIN * width,
                 y1=y1 / _MAX_BIN * height,
                 bins=(y0, x0, y1, x1),
+                seg=tuple(int(c) for c in _SEG.findall(match.group(2))) or None,
             )
         )
     return boxes

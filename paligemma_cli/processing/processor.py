@@ -39,14 +39,15 @@ class PaliGemmaProcessor:
         self.image_size = image_size
         self.num_image_tokens = num_image_tokens
 
-    def prompt_ids(self, prefix: str) -> list[int]:
-        """`[<image>] * n + [<bos>] + encode(prefix + "\\n")`: the part the model reads (type 0).
+    def prompt_ids(self, prefix: str, num_images: int = 1) -> list[int]:
+        """`[<image>] * n * num_images + [<bos>] + encode(prefix + "\\n")`: the part the model reads (type 0).
 
         The prefix and its "\\n" are tokenized together, as transformers tokenizes the whole prompt
-        string: "\\n" is its own piece, so this equals encode(prefix) + [newline_id] for Gemma.
+        string: "\\n" is its own piece, so this equals encode(prefix) + [newline_id] for Gemma. Several
+        images put their blocks one after the other, as transformers' processor does.
         """
         tok = self.tokenizer
-        return [tok.image_token_id] * self.num_image_tokens + [tok.bos_id] + tok.encode(prefix + "\n")
+        return [tok.image_token_id] * (self.num_image_tokens * num_images) + [tok.bos_id] + tok.encode(prefix + "\n")
 
     def suffix_ids(self, suffix: str) -> list[int]:
         """`encode(suffix) + [<eos>]`: the part the model learns to say (type 1)."""
