@@ -17,19 +17,20 @@ import os
 from pathlib import Path
 
 import httpx2
-from huggingface_hub import constants, scan_cache_dir, snapshot_download
+from huggingface_hub import constants, hf_hub_download, scan_cache_dir, snapshot_download
 from huggingface_hub.errors import (
     CacheNotFound,
     GatedRepoError,
     HfHubHTTPError,
     HFValidationError,
     LocalEntryNotFoundError,
+    RemoteEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
 from huggingface_hub.utils import tqdm as hf_tqdm
 
-from paligemma_cli.checkpoints.locate import CHECKPOINT_PATTERNS, EXAMPLE_REPO
+from paligemma_cli.checkpoints.locate import CHECKPOINT_PATTERNS, EXAMPLE_REPO, VAE_FILE, VAE_REPO, split_repo
 from paligemma_cli.errors import PaliGemmaError
 
 
@@ -112,6 +113,46 @@ def download(
             f"'{repo_id}' holds no config.json, so it is not a PaliGemma checkpoint in Transformers format"
         )
     return folder
+
+
+def download_vae(repo: str = VAE_REPO, filename: str = VAE_FILE, revision: str | None = None,
+                 token: str | None = None, local_dir: str | Path | None = None, progress: bool = True) -> Path:
+    """Fetch the VQ-VAE checkpoint that decodes `<seg>` tokens (big_vision's `vae-oid.npz`) into the cache.
+
+    Args:
+        repo: where it is published, `spaces/owner/name` for a Space (as in a Hub URL), `datasets/...`
+            for a dataset, else a model id. Default: the Space of Google's PaliGemma demo.
+        filename: the file's path in that repository.
+        revision, token, local_dir, progress: as for `download`.
+
+    Returns:
+        The local path of the file; `cached_vae` finds it again offline.
+    """
+    kind, repo_id = split_repo(repo)
+    token = token or os.environ.get("HF_TOKEN") or None
+    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    try:
+        path = hf_hub_download(repo_id, filename, repo_type=kind, revision=revision, token=token,
+                               local_dir=local_dir, endpoint=endpoint, tqdm_class=None if progress else _NoProgress)
+    except HFValidationError:
+        raise PaliGemmaError(f"'{repo}' is not a repository id; expected owner/name or spaces/owner/name") from None
+    except RevisionNotFoundError:
+        raise PaliGemmaError(f"'{repo}' has no revision '{revision}'") from None
+    except GatedRepoError:
+        raise _gated(repo_id) from None
+    except RepositoryNotFoundError:
+        raise PaliGemmaError(f"no such {kind} repository '{repo_id}' (pass --vae-repo, e.g. spaces/owner/name)") from None
+    except RemoteEntryNotFoundError:
+        raise PaliGemmaError(f"'{repo}' holds no file '{filename}' (pass --vae-file)") from None
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        raise PaliGemmaError(f"the Hugging Face Hub answered HTTP {status} for '{repo}/{filename}'; try again later") from None
+    except (LocalEntryNotFoundError, httpx2.TransportError) as e:
+        cause = _network_cause(e)
+        raise PaliGemmaError(f"cannot reach the Hugging Face Hub at {endpoint} ({_one_line(cause or e)})") from None
+    except OSError as e:
+        raise PaliGemmaError(f"downloading '{repo}/{filename}' failed: {_one_line(e)}") from None
+    return Path(path)
 
 
 def _gated(repo_id: str) -> PaliGemmaError:
