@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import glob
 import io
 import json
 import sys
@@ -15,8 +14,6 @@ from typing import Annotated, Optional
 import typer
 
 from paligemma_cli.options import CompileOpt, DeviceOpt, DtypeOpt, MaxTokensOpt, ModelOpt, QuantizeOpt
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
 class Format(str, Enum):
@@ -50,7 +47,13 @@ def caption(
 
       paligemma caption img1.jpg img2.jpg --format txt
     """
-    from paligemma_cli.commands.common import FAST_LAYOUT_MIN_JOBS, load_pipeline, sampling_options, stderr_console
+    from paligemma_cli.commands.common import (
+        FAST_LAYOUT_MIN_JOBS,
+        find_images,
+        load_pipeline,
+        sampling_options,
+        stderr_console,
+    )
     from paligemma_cli.errors import PaliGemmaError
     from paligemma_cli.processing.image import load_image
 
@@ -106,29 +109,6 @@ def caption(
                   + (f"; {len(failed)} unreadable: {', '.join(failed[:5])}{' …' if len(failed) > 5 else ''}" if failed else ""))
     if ok == 0 and todo:
         raise typer.Exit(1)
-
-
-def find_images(paths: list[str], recursive: bool) -> list[str]:
-    """Expand files, folders and globs into a sorted list of image paths (as strings), without repeats."""
-    found: list[str] = []
-    for spec in paths:
-        p = Path(spec)
-        if p.is_dir():
-            pattern = "**/*" if recursive else "*"
-            found += sorted(str(f) for f in p.glob(pattern) if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
-        elif p.exists():
-            found.append(spec)
-        else:
-            matches = sorted(glob.glob(spec, recursive=recursive))
-            if not matches and not glob.has_magic(spec):
-                found.append(spec)  # a named file that is missing: reported as unreadable, not dropped silently
-            found += [m for m in matches if Path(m).is_file()]
-    seen, unique = set(), []
-    for f in found:
-        if f not in seen:
-            seen.add(f)
-            unique.append(f)
-    return unique
 
 
 def record_writer(stream, fmt: "Format", header: bool = True):
