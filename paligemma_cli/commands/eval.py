@@ -16,7 +16,8 @@ from paligemma_cli.options import CompileOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxT
 
 # Column headings for the metric keys of evaluation.evaluate.METRICS.
 _HEADINGS = {"exact_match": "exact", "vqa_accuracy": "VQA acc", "bleu4": "BLEU-4", "cider": "CIDEr",
-             "accuracy": "det acc", "precision": "P@.5", "recall": "R@.5", "mean_iou": "mIoU"}
+             "accuracy": "det acc", "precision": "P@.5", "recall": "R@.5", "mean_iou": "mIoU",
+             "miou": "mask mIoU", "boxacc": "box@.5", "invalid": "invalid"}
 
 
 def eval_command(
@@ -32,9 +33,12 @@ def eval_command(
     dtype: DtypeOpt = "auto",
     quantize: QuantizeOpt = "none",
     compile: CompileOpt = False,
+    vae: Annotated[Optional[str], typer.Option("--vae", help="For `segment` lines: the VQ-VAE that decodes masks (default: as `segment` finds it).", show_default=False)] = None,
 ) -> None:
     """Score a model on a dataset, per task: exact match and VQA accuracy for `answer` prompts,
-    BLEU-4 and CIDEr-D for captions, precision/recall at IoU 0.5 for `detect`. Scores are percentages.
+    BLEU-4 and CIDEr-D for captions, precision/recall at IoU 0.5 for `detect`, and for `segment`
+    big_vision's mean per-example mask IoU, box accuracy at IoU 0.5 and the share of invalid answers.
+    Scores are percentages.
 
     Examples:
 
@@ -45,11 +49,13 @@ def eval_command(
       paligemma eval val.jsonl --model runs/shapes/final --predictions preds.jsonl
 
       paligemma eval data/shapes-test/data.jsonl --task retrieval --model runs/siglip
+
+      paligemma eval data/shapes-segment-test/data.jsonl --task segment
     """
     from paligemma_cli.commands.common import FAST_LAYOUT_MIN_JOBS, load_pipeline, sampling_options, stderr_console
     from paligemma_cli.data.jsonl import read_jsonl
     from paligemma_cli.errors import PaliGemmaError
-    from paligemma_cli.evaluation.evaluate import evaluate, select_examples
+    from paligemma_cli.evaluation.evaluate import SEGMENT, evaluate, select_examples, task_kind
 
     console = stderr_console()
     if tasks and "retrieval" in tasks:
@@ -66,6 +72,12 @@ def eval_command(
     if not examples:
         raise PaliGemmaError(f"{data}: no examples to evaluate")
     opts = sampling_options(max_tokens)  # greedy: scores should not depend on a seed
+    codec = None
+    if any(task_kind(e.prefix) == SEGMENT for e in examples):
+        from paligemma_cli.inference.segmentation import MaskCodec
+        from paligemma_cli.settings import resolve_model, resolve_vae
+
+        codec = MaskCodec.load(resolve_vae(vae, resolve_model(model)))
     pipe = load_pipeline(model, device, dtype, console, quantize=quantize, compile=compile,
                          fast_layout=len(examples) >= FAST_LAYOUT_MIN_JOBS)
 
@@ -90,7 +102,7 @@ def eval_command(
                     out.flush()  # an interrupted run keeps what it has scored
                 progress.advance(bar, len(batch))
 
-            report = evaluate(pipe, examples, opts, batch_size, on_progress)
+            report = evaluate(pipe, examples, opts, batch_size, on_progress, codec)
     finally:
         if out is not None:
             out.close()

@@ -59,6 +59,7 @@ class MaskCodec:
         self.vae = vae.eval()
         self.path = path
         self.has_encoder = has_encoder
+        self._decoded: dict[tuple[int, ...], np.ndarray] = {}
 
     @classmethod
     def load(cls, path: str | Path) -> "MaskCodec":
@@ -70,6 +71,15 @@ class MaskCodec:
         if not len(codes):
             return np.zeros((0, 64, 64), np.float32)
         return self.vae.decode_codes(torch.tensor([list(c) for c in codes])).numpy()
+
+    def decode_one(self, codes: Sequence[int]) -> np.ndarray:
+        """One code list -> float32 (64, 64), remembered: evaluation decodes the same answers repeatedly."""
+        key = tuple(int(c) for c in codes)
+        if key not in self._decoded:
+            if len(self._decoded) >= 4096:
+                self._decoded.clear()
+            self._decoded[key] = self.decode([key])[0]
+        return self._decoded[key]
 
     def encode(self, masks64: np.ndarray) -> np.ndarray:
         """float (N, 64, 64) box crops in [0, 1] (see `processing.segmentation.crop_mask`) -> int (N, 16)."""

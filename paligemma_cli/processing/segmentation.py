@@ -56,6 +56,22 @@ def pixel_box(bins: Sequence[int], width: int, height: int) -> tuple[int, int, i
     return int(x0 * width), int(y0 * height), int(x1 * width), int(y1 * height)
 
 
+def parse_object(piece: str) -> SegmentedObject | None:
+    """One object's text (`<loc>` x 4, `<seg>` x 16, optional label), or None unless its tokens are valid as
+    big_vision's evaluator checks them: bins 0..1023, codes 0..127, y1 > y0 and x1 > x0."""
+    match = _OBJECT.match(piece.strip())
+    if match is None:
+        return None
+    bins = tuple(int(b) for b in _LOC.findall(match.group(1)))
+    codes = tuple(int(c) for c in _SEG.findall(match.group(2)))
+    label = match.group(3)
+    if len(bins) != 4 or len(codes) != NUM_SEG_TOKENS or "<loc" in label or "<seg" in label:
+        return None
+    if max(bins) > MAX_BIN or max(codes) >= NUM_CODES or bins[2] <= bins[0] or bins[3] <= bins[1]:
+        return None
+    return SegmentedObject(label, bins, codes)
+
+
 def parse_segmentation(text: str, width: int, height: int) -> list[SegmentedObject]:
     """The well-formed objects of a segmentation answer, in order.
 
@@ -67,20 +83,12 @@ def parse_segmentation(text: str, width: int, height: int) -> list[SegmentedObje
     """
     objects = []
     for piece in text.split(";"):
-        match = _OBJECT.match(piece.strip())
-        if match is None:
+        obj = parse_object(piece)
+        if obj is None:
             continue
-        bins = tuple(int(b) for b in _LOC.findall(match.group(1)))
-        codes = tuple(int(c) for c in _SEG.findall(match.group(2)))
-        label = match.group(3)
-        if len(bins) != 4 or len(codes) != NUM_SEG_TOKENS or "<loc" in label or "<seg" in label:
-            continue
-        if max(bins) > MAX_BIN or max(codes) >= NUM_CODES or bins[2] <= bins[0] or bins[3] <= bins[1]:
-            continue
-        x0, y0, x1, y1 = pixel_box(bins, width, height)
-        if x1 <= x0 or y1 <= y0:
-            continue
-        objects.append(SegmentedObject(label, bins, codes))
+        x0, y0, x1, y1 = obj.pixel_box(width, height)
+        if x1 > x0 and y1 > y0:
+            objects.append(obj)
     return objects
 
 
