@@ -97,3 +97,33 @@ def save_vae(model: VQVAE, path: str | Path, dtype=np.float32) -> Path:
     np.savez(tmp, **vae_arrays(model, dtype))
     tmp.replace(path)
     return path
+
+
+def is_vae_file(path: str | Path) -> bool:
+    """Whether `path` is an .npz holding a VQ-VAE codebook (rather than a big_vision PaliGemma)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return f"{CODEBOOK}.npy" in z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def recast_vae(src: str | Path, dst: str | Path, dtype: str | None, force: bool = False) -> Path:
+    """Rewrite the VQ-VAE file `src` as `dst` in `dtype` ("fp32", "fp16"; None keeps float32)."""
+    dst = Path(dst).expanduser()
+    if dst.exists() and not force:
+        raise PaliGemmaError(f"'{dst}' already exists; choose another path or pass --force to replace it")
+    if dst.is_dir():
+        raise PaliGemmaError(f"'{dst}' is a folder; a VQ-VAE converts to a file (e.g. vae-oid.npz)")
+    kinds = {None: np.float32, "fp32": np.float32, "float32": np.float32, "fp16": np.float16, "float16": np.float16}
+    if dtype not in kinds:
+        raise PaliGemmaError(f"a VQ-VAE converts to fp32 or fp16, not {dtype!r} (numpy has no bf16)")
+    model, has_encoder = load_vae(src)
+    arrays = vae_arrays(model, kinds[dtype])
+    if not has_encoder:
+        arrays = {k: v for k, v in arrays.items() if not k.startswith("encoder.")}
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(dst)
+    return dst

@@ -145,3 +145,22 @@ def test_mask_iou():
     a[0, :2], b[0, 1:3] = True, True  # 4 shared of 12
     a[1, 0, 0] = True
     assert mask_iou(a, b).tolist() == pytest.approx([4 / 12, 0.0, 1.0])
+
+
+def test_convert_recasts_a_vae_file(tmp_path):
+    from typer.testing import CliRunner
+
+    from paligemma_cli.cli import app
+
+    params = random_vae_params(0, 8)
+    src = write_params(tmp_path / "v.npz", params)
+    result = CliRunner().invoke(app, ["convert", str(src), str(tmp_path / "half.npz"), "--dtype", "fp16"])
+    assert result.exit_code == 0, result.output
+    with np.load(tmp_path / "half.npz") as npz:
+        assert set(npz.files) == set(params) and all(npz[k].dtype == np.float16 for k in npz.files)
+    half, _ = load_vae(tmp_path / "half.npz")
+    full, _ = load_vae(src)
+    idx = torch.from_numpy(GOLDEN_IDX)
+    torch.testing.assert_close(half.decode_codes(idx), full.decode_codes(idx), rtol=0, atol=0.05)
+    again = CliRunner().invoke(app, ["convert", str(src), str(tmp_path / "half.npz"), "--dtype", "bf16", "--force"])
+    assert again.exit_code == 1 and "fp32 or fp16" in again.stderr
