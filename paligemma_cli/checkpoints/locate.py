@@ -24,6 +24,7 @@ CHECKPOINT_PATTERNS = [
     "special_tokens_map.json",
     "preprocessor_config.json",
     "generation_config.json",
+    "vae-oid.npz",  # the segmentation VQ-VAE, where a repository ships one beside the weights
 ]
 EXAMPLE_REPO = "google/paligemma2-3b-mix-224"
 # Where big_vision's mask VQ-VAE (`vae-oid.npz`) is published on the Hub: the Space of Google's PaliGemma

@@ -16,7 +16,7 @@ def demo_data(
     n: Annotated[int, typer.Option("--n", help="Number of examples (one new image each).")] = 20000,
     seed: Annotated[int, typer.Option("--seed", help="Same seed, same bytes. Use different seeds for train and eval.")] = 0,
     image_size: Annotated[int, typer.Option("--image-size", help="Side of the square images in pixels.")] = 64,
-    task: Annotated[Optional[list[str]], typer.Option("--task", help="Only this task (repeat for several): detect, caption, color, spatial, count; or segment, mask (written only when named).", show_default=False)] = None,
+    task: Annotated[Optional[list[str]], typer.Option("--task", help="Only this task (repeat for several): detect, caption, color, spatial, count; or segment, mask (written only when named); all: every task and segment.", show_default=False)] = None,
     vae: Annotated[Optional[Path], typer.Option("--vae", help="With --task segment: the VQ-VAE whose encoder writes the <seg> codes. Default: the demo model's.", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Write into OUT even if it is not empty.")] = False,
 ) -> None:
@@ -46,6 +46,8 @@ def demo_data(
         paligemma demo-data data/shapes-masks --n 20000 --seed 3 --task mask
 
         paligemma demo-data data/shapes-segment --n 20000 --seed 0 --task segment --vae runs/vqvae/vae-oid.npz
+
+        paligemma demo-data data/shapes-all --n 40000 --seed 0 --task all
     """
     from paligemma_cli.errors import PaliGemmaError
 
@@ -65,7 +67,7 @@ def demo_data(
         raise PaliGemmaError(f"{out} is not empty; choose a new folder or pass --force to write into it")
 
     encode_mask = None
-    if task and "segment" in task:
+    if task and ("segment" in task or "all" in task):
         encode_mask = mask_encoder(vae)
     elif vae is not None:
         raise PaliGemmaError("--vae writes the codes of segment examples: it goes with --task segment")

@@ -22,7 +22,8 @@ what it always was):
     mask (for training the VQ-VAE)          -> the line's image is one shape's mask, white on black
 
 The 16 `<seg>` codes are the VQ-VAE encoder's tokens for the shape's mask cropped to its box and stretched
-to 64x64 (big_vision's `refcoco_mask2str`), so a segment example needs a mask encoder (`encode_mask`).
+to 64x64 (big_vision's `refcoco_mask2str`), so a segment example needs a mask encoder (`encode_mask`); its
+location bins sit at pixel centres (see `segment_example`).
 
 Everything is a pure function of (seed, index): example i of a dataset does not depend on how many
 examples are written, so `--n 100` is a prefix of `--n 1000` with the same seed.
@@ -226,13 +227,21 @@ def scene_examples(scene: Scene) -> list[dict]:
 
 
 def segment_example(scene: Scene, shape: Shape, encode_mask: MaskEncoder) -> tuple[dict, np.ndarray]:
-    """(`segment <kind>` example, the shape's mask): the box as `detect` answers it, the mask's 16 codes
-    from `encode_mask`, then the label."""
+    """(`segment <kind>` example, the shape's mask): the box's location tokens, the 16 codes
+    `encode_mask` gives the mask's box content, then the label.
+
+    The location bins are those of the box's pixel centres, not of its edges as `detect` writes them:
+    big_vision places a mask at int(bin / 1023 * size), and on a 64-pixel image an edge binned with
+    round(edge * 1023) lands just below its pixel half the time, so every answer, even a perfect one,
+    would lose a pixel row or column (about 10 IoU points on these 19-29 pixel shapes). A bin at the
+    pixel's centre truncates to that pixel, with half a pixel to spare either way."""
     mask = shape_mask(scene, shape)
     x0, y0, x1, y1 = shape.box
-    box = (y0 / scene.size, x0 / scene.size, y1 / scene.size, x1 / scene.size)
-    codes = encode_mask(mask, box)
-    return {"prefix": f"segment {shape.kind}", "suffix": format_segmentation(box, codes, shape.kind),
+    size = scene.size
+    crop = (y0 / size, x0 / size, y1 / size, x1 / size)
+    codes = encode_mask(mask, crop)
+    centres = tuple((v + 0.5) / size for v in (y0, x0, y1, x1))  # x1, y1 are exclusive: the pixel after the box
+    return {"prefix": f"segment {shape.kind}", "suffix": format_segmentation(centres, codes, shape.kind),
             "task": "segment"}, mask
 
 
@@ -244,14 +253,16 @@ MASK_TASKS = ("segment", "mask")
 def task_cycle(tasks: Sequence[str] | None = None) -> tuple[str, ...]:
     """TASK_CYCLE kept to `tasks` (in their proportions to each other); all of it for None.
 
-    `segment` and `mask` join as many slots as `detect` has (a third of a mix that keeps every task),
-    or fill the cycle alone."""
+    `segment` and `mask` join as many slots as `detect` has (3 of 13 in a mix of every task), or fill
+    the cycle alone. `all` names every task the model answers: the default mix and `segment`."""
     if tasks is None:
         return TASK_CYCLE
+    if "all" in tasks:
+        tasks = [*TASKS, "segment", *(t for t in tasks if t != "all")]
     unknown = sorted(set(tasks) - set(TASKS) - set(MASK_TASKS))
     if unknown or not tasks:
         what = f"unknown task(s) {', '.join(unknown)}" if unknown else "no task given"
-        raise ValueError(f"{what}; choose from {', '.join(TASKS + MASK_TASKS)}")
+        raise ValueError(f"{what}; choose from {', '.join(TASKS + MASK_TASKS)} or all")
     cycle = tuple(t for t in TASK_CYCLE if t in tasks)
     for extra in MASK_TASKS:
         if extra in tasks:

@@ -86,7 +86,7 @@ class MaskCodec:
         if not self.has_encoder:
             raise PaliGemmaError(f"'{self.path}' holds only the VQ-VAE's decoder; encoding masks needs the encoder "
                                  "arrays (encoder.*) too")
-        return self.vae.codes(torch.from_numpy(np.asarray(masks64, np.float32))[:, None]).numpy()
+        return self.vae.codes(torch.from_numpy(np.array(masks64, np.float32))[:, None]).numpy()  # a writable copy
 
     def encode_mask(self, mask: np.ndarray, box: Sequence[float]) -> list[int] | None:
         """The 16 codes of a whole-image mask's `box` (y0, x0, y1, x1 normalised); None for an empty box."""

@@ -288,10 +288,11 @@ def test_segment_examples_carry_the_box_the_codes_and_the_mask(tmp_path):
         np.testing.assert_array_equal(mask, shapes.shape_mask(scene, shape))
         [obj] = parse_segmentation(line["suffix"], scene.size, scene.size)
         assert obj.label == kind and list(obj.codes) == fake_encoder([])(mask, None)
-        [det] = parse_detections(line["suffix"].replace("".join(f"<seg{c:03d}>" for c in obj.codes), " "),
-                                 scene.size, scene.size)
-        assert tuple(round(c) for c in (det.x0, det.y0, det.x1, det.y1)) == shape.box  # the detect box
+        # big_vision's placement (int(bin / 1023 * size)) gives back the shape's exact box.
+        assert obj.pixel_box(scene.size, scene.size) == shape.box
         np.testing.assert_array_equal(calls[i][0], mask)
+        x0, y0, x1, y1 = shape.box
+        assert calls[i][1] == (y0 / 64, x0 / 64, y1 / 64, x1 / 64)  # the crop is the box itself
         assert Image.open(tmp_path / line["image"]).size == (64, 64)
 
 
@@ -304,6 +305,7 @@ def test_mask_examples_are_mask_images_and_the_default_mix_has_neither(tmp_path)
     assert "segment" not in shapes.task_cycle(None) and "mask" not in shapes.task_cycle(None)
     mixed = shapes.task_cycle(["detect", "segment"])
     assert Counter(mixed) == {"detect": 3, "segment": 3}
+    assert shapes.task_cycle(["all"]) == shapes.TASK_CYCLE + ("segment",) * 3
     with pytest.raises(ValueError, match="mask encoder"):
         write_dataset(tmp_path / "s", 3, seed=5, tasks=["segment"])
     with pytest.raises(ValueError, match="unknown task"):
