@@ -55,7 +55,7 @@ def segment(
         stderr_console,
     )
     from paligemma_cli.errors import PaliGemmaError
-    from paligemma_cli.inference.segmentation import MaskCodec, segment_prompt, split_labels
+    from paligemma_cli.inference.segmentation import MaskCodec, segment_images, segment_prompt, split_labels
     from paligemma_cli.processing.image import load_image
     from paligemma_cli.settings import resolve_model, resolve_vae
 
@@ -84,8 +84,7 @@ def segment(
     meta = {"prompt": prompt, "model": str(pipe.folder), "vae": str(codec.path)}
 
     if single:
-        (raw,) = pipe.generate([first], [prompt], opts)
-        segments = codec.segments(raw, first.width, first.height, labels)
+        ((raw, segments),) = segment_images(pipe, codec, [first], labels, opts)
         written = _write_masks(masks_dir, paths[0], segments)
         if out is not None:
             from paligemma_cli.processing.drawing import draw_masks
@@ -120,9 +119,7 @@ def segment(
                     console.print(f"skipped: {e}", markup=False)
             if not loaded:
                 continue
-            answers = pipe.generate(loaded, [prompt] * len(loaded), opts)
-            for name, image, raw in zip(names, loaded, answers):
-                segments = codec.segments(raw, image.width, image.height, labels)
+            for name, image, (raw, segments) in zip(names, loaded, segment_images(pipe, codec, loaded, labels, opts)):
                 record = {**_record(name, image, raw, segments, _write_masks(masks_dir, name, segments)), **meta}
                 stream.write(json.dumps(record, ensure_ascii=False) + "\n")
                 stream.flush()
