@@ -16,7 +16,7 @@ def demo_data(
     n: Annotated[int, typer.Option("--n", help="Number of examples (one new image each).")] = 20000,
     seed: Annotated[int, typer.Option("--seed", help="Same seed, same bytes. Use different seeds for train and eval.")] = 0,
     image_size: Annotated[int, typer.Option("--image-size", help="Side of the square images in pixels.")] = 64,
-    task: Annotated[Optional[list[str]], typer.Option("--task", help="Only this task (repeat for several): detect, caption, color, spatial, count; or segment, mask (written only when named); all: every task and segment.", show_default=False)] = None,
+    task: Annotated[Optional[list[str]], typer.Option("--task", help="Only this task (repeat for several): detect, caption, color, spatial, count; or segment, mask (written only when named); all: every task, half of the examples segment.", show_default=False)] = None,
     vae: Annotated[Optional[Path], typer.Option("--vae", help="With --task segment: the VQ-VAE whose encoder writes the <seg> codes. Default: the demo model's.", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Write into OUT even if it is not empty.")] = False,
 ) -> None:
@@ -29,7 +29,7 @@ def demo_data(
     Two tasks are written only when named. `segment circle` answers the circle's box and 16 <seg> codes
     of its mask, from a VQ-VAE's encoder (--vae; default the demo model's), and the line names the mask
     (OUT/masks/*.png) that `eval` scores against. `mask` writes one shape's mask as the image, data for
-    `train --objective vqvae`.
+    `train --objective vqvae`. `all` is the default mix with a segment example after each of its examples.
 
     Writes OUT/images/*.png and OUT/data.jsonl, one {"image", "prefix", "suffix", "task"} per line.
 

@@ -254,11 +254,15 @@ def task_cycle(tasks: Sequence[str] | None = None) -> tuple[str, ...]:
     """TASK_CYCLE kept to `tasks` (in their proportions to each other); all of it for None.
 
     `segment` and `mask` join as many slots as `detect` has (3 of 13 in a mix of every task), or fill
-    the cycle alone. `all` names every task the model answers: the default mix and `segment`."""
+    the cycle alone. `all` is every task the model answers: the default mix, every other example, and
+    `segment` in between (the demo model learns segmentation on top of what it knows: the new task
+    needs the bulk of the examples, the others enough to stay learnt)."""
     if tasks is None:
         return TASK_CYCLE
     if "all" in tasks:
-        tasks = [*TASKS, "segment", *(t for t in tasks if t != "all")]
+        if set(tasks) != {"all"}:
+            raise ValueError("all is every task already: give it alone")
+        return tuple(t for task in TASK_CYCLE for t in (task, "segment"))
     unknown = sorted(set(tasks) - set(TASKS) - set(MASK_TASKS))
     if unknown or not tasks:
         what = f"unknown task(s) {', '.join(unknown)}" if unknown else "no task given"
