@@ -7,6 +7,9 @@ The library's entry points, imported on first use (so that `import paligemma_cli
     model = load_model("path/to/checkpoint", dtype=torch.bfloat16)   # a PaliGemma (torch.nn.Module)
     pipe = Pipeline.load("path/to/checkpoint")                       # model + tokenizer + processor
     print(pipe.generate(["photo.jpg"], ["caption en"], SamplingOptions())[0])
+    print(pipe.generate([["left.jpg", "right.jpg"]], ["answer en is there a dog in both?"], SamplingOptions())[0])
+    codec = MaskCodec.load("vae-oid.npz")                            # <seg> tokens -> masks
+    masks = codec.segments(pipe.generate(["photo.jpg"], ["segment cat"], SamplingOptions())[0], 640, 480)
 """
 
 from typing import TYPE_CHECKING
@@ -18,6 +21,7 @@ if TYPE_CHECKING:
     from paligemma_cli.inference.chat_session import ChatSession
     from paligemma_cli.inference.generate import SamplingOptions
     from paligemma_cli.inference.pipeline import Pipeline
+    from paligemma_cli.inference.segmentation import MaskCodec
     from paligemma_cli.model.config import PaliGemmaConfig, SiglipConfig
     from paligemma_cli.model.paligemma import PaliGemma
     from paligemma_cli.model.siglip import DualEncoder
@@ -29,6 +33,7 @@ _API = {
     "load_dual_encoder": "paligemma_cli.checkpoints.hf",
     "save_dual_encoder": "paligemma_cli.checkpoints.hf",
     "Pipeline": "paligemma_cli.inference.pipeline",
+    "MaskCodec": "paligemma_cli.inference.segmentation",
     "ChatSession": "paligemma_cli.inference.chat_session",
     "SamplingOptions": "paligemma_cli.inference.generate",
     "PaliGemma": "paligemma_cli.model.paligemma",

@@ -263,8 +263,10 @@ def test_a_bad_flag_is_one_error_line_for_the_job(runs, tmp_path):
 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("scenes")
-    write_dataset(folder, 40, seed=2)
+    """40 examples of every task, segment lines (scored with the demo model's VQ-VAE) among them."""
+    folder = tmp_path_factory.mktemp("scenes") / "data"
+    result = runner.invoke(app, ["demo-data", str(folder), "--n", "40", "--seed", "2", "--task", "all"])
+    assert result.exit_code == 0, result.output
     return folder
 
 
@@ -333,4 +335,5 @@ def test_eval_on_two_ranks_gives_the_one_process_scores_and_predictions(scenes, 
                     tmp_path / "two.jsonl", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout) == json.loads(one.stdout)  # corpus scores (CIDEr-D, BLEU-4) included
+    assert json.loads(one.stdout)["tasks"]["segment"]["n"] == 12  # masks decoded on the ranks' answers
     assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()

@@ -2,8 +2,8 @@
 
 - Every `paligemma …` line of a ```sh block is run, in page order, in one scratch folder per page holding
   copies of `examples/` and `configs/`; what a command needs is made by an earlier command of the same page,
-  except the hub (a fake one on 127.0.0.1, as in test_hub.py) and the big_vision `.npz` (written from a tiny
-  random model). Sizes are cut down where the pages' real numbers would take hours: `--n` at most 48
+  except the hub (a fake one on 127.0.0.1, as in test_hub.py, with a random VQ-VAE for `download --vae`) and
+  the big_vision `.npz` (written from a tiny random model). Sizes are cut down where the pages' real numbers would take hours: `--n` at most 48
   examples, `train` runs 2 steps, `eval` looks at 24 examples.
 - Every command line the pages show, in sh blocks or inline (`paligemma …`, `python bench/…`), is parsed by
   the real argument parser without being run: the subcommand or script exists and takes every flag and
@@ -116,11 +116,18 @@ def scratch(tmp_path, monkeypatch):
     return tmp_path
 
 
-def serve_fake_hub(repo_id: str, monkeypatch):
+def serve_fake_hub(argv: list[str], monkeypatch, scratch: Path):
+    """A fake hub holding the model `download` names and, for `--vae`, a VQ-VAE where it is published."""
+    from paligemma_cli.checkpoints.locate import VAE_FILE, VAE_REPO
     from tests.checkpoints.test_hub import FILES, FakeHub, Repo
+    from tests.fixtures.vae_oracle import random_vae_params
 
     server = FakeHub()
-    server.repos[repo_id] = Repo(dict(FILES))
+    if not argv[1].startswith("-"):
+        server.repos[argv[1]] = Repo(dict(FILES))
+    if "--vae" in argv:
+        np.savez(scratch / "random-vae.npz", **random_vae_params(0, 8))
+        server.repos[VAE_REPO] = Repo({VAE_FILE: (scratch / "random-vae.npz").read_bytes()})
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     return server
@@ -155,8 +162,9 @@ def run_commands(commands: list[str], scratch: Path, monkeypatch) -> dict[str, o
             argv = cut_down(shlex.split(command)[1:])
             stdin = None
             if argv[0] == "download":
-                servers.append(serve_fake_hub(argv[1], monkeypatch))
-            if argv[0] == "convert" and argv[1].endswith(".npz"):
+                servers.append(serve_fake_hub(argv, monkeypatch, scratch))
+            if argv[0] == "convert" and argv[1].endswith(".npz") and not (scratch / argv[1]).exists():
+                # a big_vision checkpoint, unless an earlier command made the file (a VQ-VAE that `train` wrote)
                 tok_file = make_tiny_tokenizer(scratch / "tok")
                 write_npz(scratch / argv[1], PaliGemmaTokenizer.from_file(tok_file).image_token_id)
                 if "--tokenizer" in argv:

@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 
 from paligemma_cli.checkpoints.big_vision import load_npz
 from paligemma_cli.checkpoints.hf import check_folder, load_model, save_model
+from paligemma_cli.checkpoints.vae import is_vae_file, recast_vae
 from paligemma_cli.device import DTYPES
 from paligemma_cli.errors import PaliGemmaError
 from paligemma_cli.model.lora import apply_lora, lora_state_dict, merge_lora
@@ -167,6 +168,11 @@ def convert(src: str | Path, dst: str | Path, dtype: str | None = None, merge_lo
     if src.is_file():
         if merge_lora or base:
             raise PaliGemmaError("--merge-lora and --base take a training run folder, not a file")
+        if is_vae_file(src):  # the segmentation VQ-VAE: a file in, a file out
+            if tokenizer or shard or quantize or gemma2_options:
+                raise PaliGemmaError("a VQ-VAE file converts to another dtype only (--dtype fp32 or fp16)")
+            _say(progress, f"reading the VQ-VAE {src}")
+            return recast_vae(src, dst, dtype, force)
         return convert_npz(src, dst, dtype=torch_dtype, tokenizer=tokenizer, force=force, max_shard_bytes=shard,
                            progress=progress, quantize=quantize, **gemma2_options)
     if gemma2_options or tokenizer:

@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 
 from paligemma_cli.checkpoints.atomic import staged_folder
 from paligemma_cli.checkpoints.safetensors_io import SafetensorsReader, summarize_names, weight_files, write_safetensors
+from paligemma_cli.checkpoints.vae import VAE_FILENAME
 from paligemma_cli.errors import PaliGemmaError
 from paligemma_cli.model.config import ConfigFile, PaliGemmaConfig, SiglipConfig
 from paligemma_cli.model.paligemma import PaliGemma
@@ -42,6 +43,9 @@ from paligemma_cli.speed.quantize import (
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "preprocessor_config.json", "generation_config.json")
+# Files that travel with the weights when a folder is fine-tuned or converted: the tokenizer's, and the
+# VQ-VAE that `segment` decodes this model's <seg> tokens with.
+COMPANION_FILES = (*TOKENIZER_FILES, VAE_FILENAME)
 
 _RENAMES = [
     (re.compile(r"^model\."), ""),  # newer transformers' in-memory prefix
@@ -263,7 +267,7 @@ def _write_checkpoint_files(config, state, folder: Path, tokenizer_dir, extra_fi
         (folder / "config.json").write_text(json.dumps(d, indent=2) + "\n")
     write_safetensors({hub_key(k): v.detach().contiguous() for k, v in state.items()}, folder, max_shard_bytes)
     if tokenizer_dir is not None:
-        for name in TOKENIZER_FILES:
+        for name in COMPANION_FILES:
             src = Path(tokenizer_dir, name)
             if src.exists() and src.resolve() != (folder / name).resolve():
                 shutil.copy2(src, folder / name)

@@ -18,20 +18,29 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx2
-from huggingface_hub import constants, scan_cache_dir, set_client_factory, snapshot_download
+from huggingface_hub import (
+    constants,
+    get_hf_file_metadata,
+    hf_hub_download,
+    hf_hub_url,
+    scan_cache_dir,
+    set_client_factory,
+    snapshot_download,
+)
 from huggingface_hub.errors import (
     CacheNotFound,
     GatedRepoError,
     HfHubHTTPError,
     HFValidationError,
     LocalEntryNotFoundError,
+    RemoteEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
 from huggingface_hub.utils import tqdm as hf_tqdm
 from huggingface_hub.utils._http import default_client_factory, hf_request_event_hook
 
-from paligemma_cli.checkpoints.locate import CHECKPOINT_PATTERNS, EXAMPLE_REPO
+from paligemma_cli.checkpoints.locate import CHECKPOINT_PATTERNS, EXAMPLE_REPO, VAE_FILE, VAE_REPO, split_repo
 from paligemma_cli.errors import PaliGemmaError
 
 
@@ -147,8 +156,7 @@ def download(
         # network error) when the repo is not there; a transfer that keeps breaking raises httpx2's error itself.
         cause = _network_cause(e)
         if isinstance(cause, (httpx2.TimeoutException, TimeoutError)):
-            raise PaliGemmaError(f"the Hugging Face Hub at {endpoint} did not answer within {timeout:g} s; try again "
-                                 "later, or give it longer with --timeout SECONDS") from None
+            raise _timed_out(endpoint, timeout) from None
         if cause is None:
             raise PaliGemmaError(f"downloading '{repo_id}' failed: {_one_line(e)}") from None
         raise PaliGemmaError(
@@ -163,6 +171,73 @@ def download(
             f"'{repo_id}' holds no config.json, so it is not a PaliGemma checkpoint in Transformers format"
         )
     return folder
+
+
+def download_vae(repo: str = VAE_REPO, filename: str = VAE_FILE, revision: str | None = None,
+                 token: str | None = None, local_dir: str | Path | None = None, progress: bool = True,
+                 timeout: float = DEFAULT_TIMEOUT_S) -> Path:
+    """Fetch the VQ-VAE checkpoint that decodes `<seg>` tokens (big_vision's `vae-oid.npz`) into the cache.
+
+    Args:
+        repo: where it is published, `spaces/owner/name` for a Space (as in a Hub URL), `datasets/...`
+            for a dataset, else a model id. Default: the Space of Google's PaliGemma demo.
+        filename: the file's path in that repository.
+        revision, token, local_dir, progress, timeout: as for `download`.
+
+    Returns:
+        The local path of the file; `cached_vae` finds it again offline.
+    """
+    kind, repo_id = split_repo(repo)
+    token = token or os.environ.get("HF_TOKEN") or None
+    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    if not timeout > 0:
+        raise PaliGemmaError(f"--timeout must be a positive number of seconds, got {timeout}")
+    try:
+        with _requests_time_out(timeout):
+            _answers_within(hf_hub_url(repo_id, filename, repo_type=kind, revision=revision, endpoint=endpoint),
+                            token, timeout, endpoint)
+            path = hf_hub_download(repo_id, filename, repo_type=kind, revision=revision, token=token,
+                                   local_dir=local_dir, endpoint=endpoint,
+                                   tqdm_class=None if progress else _NoProgress)
+    except HFValidationError:
+        raise PaliGemmaError(f"'{repo}' is not a repository id; expected owner/name or spaces/owner/name") from None
+    except RevisionNotFoundError:
+        raise PaliGemmaError(f"'{repo}' has no revision '{revision}'") from None
+    except GatedRepoError:
+        raise _gated(repo_id) from None
+    except RepositoryNotFoundError:
+        raise PaliGemmaError(f"no such {kind} repository '{repo_id}' (pass --vae-repo, e.g. spaces/owner/name)") from None
+    except RemoteEntryNotFoundError:
+        raise PaliGemmaError(f"'{repo}' holds no file '{filename}' (pass --vae-file)") from None
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        raise PaliGemmaError(f"the Hugging Face Hub answered HTTP {status} for '{repo}/{filename}'; try again later") from None
+    except (LocalEntryNotFoundError, httpx2.TransportError) as e:
+        cause = _network_cause(e)
+        if isinstance(cause, (httpx2.TimeoutException, TimeoutError)):
+            raise _timed_out(endpoint, timeout) from None
+        raise PaliGemmaError(f"cannot reach the Hugging Face Hub at {endpoint} ({_one_line(cause or e)})") from None
+    except OSError as e:
+        raise PaliGemmaError(f"downloading '{repo}/{filename}' failed: {_one_line(e)}") from None
+    return Path(path)
+
+
+def _answers_within(url: str, token: str | None, timeout: float, endpoint: str) -> None:
+    """Raise the --timeout error if the Hub does not answer one request for `url` within `timeout`.
+    hf_hub_download retries a request that timed out five more times, with a 60 s limit and back-off
+    (minutes against a silent server); other failures are left to it to report (or to find the file
+    in the cache when offline)."""
+    try:
+        get_hf_file_metadata(url, token=token, timeout=timeout)
+    except (httpx2.TimeoutException, TimeoutError):
+        raise _timed_out(endpoint, timeout) from None
+    except Exception:
+        pass
+
+
+def _timed_out(endpoint: str, timeout: float) -> PaliGemmaError:
+    return PaliGemmaError(f"the Hugging Face Hub at {endpoint} did not answer within {timeout:g} s; try again "
+                          "later, or give it longer with --timeout SECONDS")
 
 
 def _gated(repo_id: str) -> PaliGemmaError:

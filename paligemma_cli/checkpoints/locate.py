@@ -24,8 +24,13 @@ CHECKPOINT_PATTERNS = [
     "special_tokens_map.json",
     "preprocessor_config.json",
     "generation_config.json",
+    "vae-oid.npz",  # the segmentation VQ-VAE, where a repository ships one beside the weights
 ]
 EXAMPLE_REPO = "google/paligemma2-3b-mix-224"
+# Where big_vision's mask VQ-VAE (`vae-oid.npz`) is published on the Hub: the Space of Google's PaliGemma
+# demo keeps a copy of gs://big_vision/paligemma/vae-oid.npz. `spaces/` names a Space, as in a Hub URL.
+VAE_REPO = "spaces/google/paligemma-hf"
+VAE_FILE = "vae-oid.npz"
 
 
 def find_checkpoint(spec: str) -> Path:
@@ -67,3 +72,25 @@ def _cached_snapshot(repo_id: str) -> Path:
     if not (folder / "config.json").is_file():
         raise PaliGemmaError(f"model '{repo_id}' is not downloaded; run `paligemma download {repo_id}` first")
     return folder
+
+
+def split_repo(spec: str) -> tuple[str, str]:
+    """`spaces/owner/name` -> ("space", "owner/name"); `datasets/...` likewise; `owner/name` is a model."""
+    for prefix, kind in (("spaces/", "space"), ("datasets/", "dataset"), ("models/", "model")):
+        if spec.startswith(prefix):
+            return kind, spec[len(prefix):]
+    return "model", spec
+
+
+def cached_vae(repo: str = VAE_REPO, filename: str = VAE_FILE) -> Path | None:
+    """The VQ-VAE file `paligemma download --vae` put in the Hugging Face cache, found without the
+    network; None if it is not there."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    kind, repo_id = split_repo(repo)
+    try:
+        found = try_to_load_from_cache(repo_id, filename, cache_dir=constants.HF_HUB_CACHE, repo_type=kind)
+    except HFValidationError:
+        return None
+    return Path(found) if isinstance(found, str) else None

@@ -27,6 +27,7 @@ def ask(
     image: Annotated[str, typer.Argument(help="Image file (any format Pillow reads), or - for stdin.")],
     question: Annotated[Optional[str], typer.Argument(help="The question, e.g. \"what is on the table?\".")] = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Send a raw PaliGemma prefix instead, e.g. \"caption en\", \"ocr\", \"detect cat\".")] = None,
+    more_images: Annotated[Optional[list[str]], typer.Option("--image", "-i", help="Another image the question is about, after IMAGE (repeat for more): each image's tokens go in order before the prompt, as in PaliGemma's multi-image transfers (NLVR2).", show_default=False)] = None,
     lang: LangOpt = "en",
     model: ModelOpt = None,
     max_tokens: MaxTokensOpt = 64,
@@ -51,6 +52,8 @@ def ask(
       paligemma ask photo.jpg "wie viele Katzen?" --lang de --json
 
       paligemma ask photo.jpg "what is this?" --quantize int8
+
+      paligemma ask left.jpg --image right.jpg "is there a dog in both images?"
     """
     from paligemma_cli.commands.common import load_pipeline, sampling_options, stderr_console, write_stdout
     from paligemma_cli.errors import PaliGemmaError
@@ -66,14 +69,19 @@ def ask(
     check_text(prompt, "--prompt")
     opts = sampling_options(max_tokens, temperature, top_k, top_p, seed)
     picture = load_image(image)  # fail on a bad image before paying for the model
+    others = [load_image(p) for p in more_images or []]
     console = stderr_console()
     pipe = load_pipeline(model, device, dtype, console, quantize=quantize, compile=compile)
+    seen = [picture, *others] if others else picture
     if json_out:
-        answer = "".join(pipe.stream(picture, prompt, opts))
-        print(json.dumps({"answer": answer, "prompt": prompt, "image": image, "model": str(pipe.folder),
-                          "timings": {"load_s": round(pipe.load_s, 4), **pipe.last.as_dict()}}))
+        answer = "".join(pipe.stream(seen, prompt, opts))
+        record = {"answer": answer, "prompt": prompt, "image": image, "model": str(pipe.folder),
+                  "timings": {"load_s": round(pipe.load_s, 4), **pipe.last.as_dict()}}
+        if others:
+            record["images"] = [image, *more_images]
+        print(json.dumps(record))
         return
-    for piece in pipe.stream(picture, prompt, opts):
+    for piece in pipe.stream(seen, prompt, opts):
         write_stdout(piece)
     write_stdout("\n")
     s = pipe.last

@@ -17,8 +17,6 @@ import typer
 
 from paligemma_cli.options import CompileOpt, DeviceOpt, DtypeOpt, MaxTokensOpt, ModelOpt, QuantizeOpt
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".ppm", ".pgm"}
-
 
 class Format(str, Enum):
     jsonl = "jsonl"
@@ -53,7 +51,13 @@ def caption(
 
       torchrun --nproc-per-node 8 -m paligemma_cli caption photos/ -r --out captions.jsonl --resume
     """
-    from paligemma_cli.commands.common import FAST_LAYOUT_MIN_JOBS, load_pipeline, sampling_options, stderr_console
+    from paligemma_cli.commands.common import (
+        FAST_LAYOUT_MIN_JOBS,
+        find_images,
+        load_pipeline,
+        sampling_options,
+        stderr_console,
+    )
     from paligemma_cli.distributed import torchrun_world
     from paligemma_cli.errors import PaliGemmaError
     from paligemma_cli.outputs import check_output_file, open_output, why
@@ -154,7 +158,7 @@ def caption_on_ranks(world, device, paths, out, fmt, recursive, resume, batch_si
     """
     from rich.console import Console
 
-    from paligemma_cli.commands.common import FAST_LAYOUT_MIN_JOBS, load_pipeline, sampling_options
+    from paligemma_cli.commands.common import FAST_LAYOUT_MIN_JOBS, find_images, load_pipeline, sampling_options
     from paligemma_cli.errors import PaliGemmaError
     from paligemma_cli.outputs import check_output_file, open_output, why
     from paligemma_cli.processing.image import load_image
@@ -306,29 +310,6 @@ def merge_parts(out: Path, fmt: "Format", images: list[str]) -> int:
     for part in parts:
         part.unlink(missing_ok=True)
     return len(ordered)
-
-
-def find_images(paths: list[str], recursive: bool) -> list[str]:
-    """Expand files, folders and globs into a sorted list of image paths (as strings), without repeats."""
-    found: list[str] = []
-    for spec in paths:
-        p = Path(spec)
-        if p.is_dir():
-            pattern = "**/*" if recursive else "*"
-            found += sorted(str(f) for f in p.glob(pattern) if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
-        elif p.exists():
-            found.append(spec)
-        else:
-            matches = sorted(glob.glob(spec, recursive=recursive))
-            if not matches and not glob.has_magic(spec):
-                found.append(spec)  # a named file that is missing: reported as unreadable, not dropped silently
-            found += [m for m in matches if Path(m).is_file()]
-    seen, unique = set(), []
-    for f in found:
-        if f not in seen:
-            seen.add(f)
-            unique.append(f)
-    return unique
 
 
 def _has_surrogates(text: str) -> bool:

@@ -7,12 +7,15 @@ command's module (and `paligemma --help`) loads without them.
 
 from __future__ import annotations
 
+import glob
 import sys
 from contextlib import nullcontext
+from pathlib import Path
 
 # Jobs of at least this many answers get the fast weight layout: it costs seconds once and pays back
 # after a few dozen tokens (docs/speed.md).
 FAST_LAYOUT_MIN_JOBS = 4
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
 def stderr_console():
@@ -80,3 +83,26 @@ def write_stdout(text: str) -> None:
     """Raw model text to stdout, flushed at once (never through Rich markup: a model may print `[red]`)."""
     sys.stdout.write(text)
     sys.stdout.flush()
+
+
+def find_images(paths: list[str], recursive: bool) -> list[str]:
+    """Expand files, folders and globs into a sorted list of image paths (as strings), without repeats."""
+    found: list[str] = []
+    for spec in paths:
+        p = Path(spec)
+        if p.is_dir():
+            pattern = "**/*" if recursive else "*"
+            found += sorted(str(f) for f in p.glob(pattern) if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+        elif p.exists():
+            found.append(spec)
+        else:
+            matches = sorted(glob.glob(spec, recursive=recursive))
+            if not matches and not glob.has_magic(spec):
+                found.append(spec)  # a named file that is missing: reported as unreadable, not dropped silently
+            found += [m for m in matches if Path(m).is_file()]
+    seen, unique = set(), []
+    for f in found:
+        if f not in seen:
+            seen.add(f)
+            unique.append(f)
+    return unique

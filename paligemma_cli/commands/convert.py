@@ -14,7 +14,7 @@ import typer
 
 def convert(
     src: Annotated[Path, typer.Argument(
-        help="A big_vision .npz file, a checkpoint folder, or a training run saved with --lora-save adapter.",
+        help="A big_vision .npz file, a checkpoint folder, a training run saved with --lora-save adapter, or a VQ-VAE vae-oid.npz.",
         show_default=False)],
     dst: Annotated[Path, typer.Argument(help="The folder to write (must not exist unless --force).",
                                         show_default=False)],
@@ -57,6 +57,7 @@ def convert(
     window, no final soft-cap) unless the flags say otherwise. A folder can be re-saved in another dtype or in shards.
     A training run saved with --lora-save adapter is merged into its base.
     --quantize int8 stores the decoder in int8; every command loads it.
+    A VQ-VAE (vae-oid.npz) is rewritten as a file in --dtype fp32 or fp16.
     The folder appears only when complete: a failed run leaves nothing.
     Progress goes to stderr, the path alone to stdout.
 
@@ -71,6 +72,8 @@ def convert(
         paligemma convert ./paligemma-3b-pt-224 ./pg-int8 --dtype bf16 --quantize int8
 
         paligemma convert runs/mine ./mine-merged --merge-lora
+
+        paligemma convert runs/vqvae/vae-oid.npz ./vae-oid.npz --dtype fp16
     """
     from paligemma_cli.checkpoints.convert import convert as run_conversion
 

@@ -16,7 +16,8 @@ from paligemma_cli.options import CompileOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxT
 
 # Column headings for the metric keys of evaluation.evaluate.METRICS.
 _HEADINGS = {"exact_match": "exact", "vqa_accuracy": "VQA acc", "bleu4": "BLEU-4", "cider": "CIDEr",
-             "accuracy": "det acc", "precision": "P@.5", "recall": "R@.5", "mean_iou": "mIoU"}
+             "accuracy": "det acc", "precision": "P@.5", "recall": "R@.5", "mean_iou": "mIoU",
+             "miou": "mask mIoU", "boxacc": "box@.5", "invalid": "invalid"}
 
 
 def eval_command(
@@ -32,9 +33,12 @@ def eval_command(
     dtype: DtypeOpt = "auto",
     quantize: QuantizeOpt = "none",
     compile: CompileOpt = False,
+    vae: Annotated[Optional[str], typer.Option("--vae", help="For `segment` lines: the VQ-VAE that decodes masks (default: as `segment` finds it).", show_default=False)] = None,
 ) -> None:
     """Score a model on a dataset, per task: exact match and VQA accuracy for `answer` prompts,
-    BLEU-4 and CIDEr-D for captions, precision/recall at IoU 0.5 for `detect`. Scores are percentages.
+    BLEU-4 and CIDEr-D for captions, precision/recall at IoU 0.5 for `detect`, and for `segment`
+    big_vision's mean per-example mask IoU, box accuracy at IoU 0.5 and the share of invalid answers.
+    Scores are percentages.
 
     Examples:
 
@@ -47,6 +51,8 @@ def eval_command(
       paligemma eval data/shapes-test/data.jsonl --task retrieval --model runs/siglip
 
       torchrun --nproc-per-node 4 -m paligemma_cli eval val.jsonl --model runs/shapes --json
+
+      paligemma eval data/shapes-segment-test/data.jsonl --task segment
     """
     from paligemma_cli.commands.common import FAST_LAYOUT_MIN_JOBS, load_pipeline, sampling_options, stderr_console
     from paligemma_cli.data.jsonl import read_jsonl
@@ -59,7 +65,7 @@ def eval_command(
     if world is not None:
         try:
             return eval_on_ranks(world, data, model, batch_size, limit, tasks, predictions, json_out, max_tokens,
-                                 dtype, quantize, compile)
+                                 dtype, quantize, compile, vae)
         finally:
             world.close()
     console = stderr_console()
@@ -79,6 +85,7 @@ def eval_command(
     if predictions is not None:
         predictions = check_output_file(predictions, [data, *(e.image for e in examples)], "--predictions")
     opts = sampling_options(max_tokens)  # greedy: scores should not depend on a seed
+    codec = segment_codec(examples, vae, model)
     pipe = load_pipeline(model, device, dtype, console, quantize=quantize, compile=compile,
                          fast_layout=len(examples) >= FAST_LAYOUT_MIN_JOBS)
 
@@ -100,12 +107,24 @@ def eval_command(
                     out.flush()  # an interrupted run keeps what it has scored
                 progress.advance(bar, len(batch))
 
-            report = evaluate(pipe, examples, opts, batch_size, on_progress)
+            report = evaluate(pipe, examples, opts, batch_size, on_progress, codec)
     finally:
         if out is not None:
             out.close()
 
     show_report(report, console, pipe.folder, data, predictions, json_out)
+
+
+def segment_codec(examples, vae: str | None, model: str | None):
+    """The MaskCodec that decodes `segment` answers, or None when no example is a segment prompt."""
+    from paligemma_cli.evaluation.evaluate import SEGMENT, task_kind
+
+    if not any(task_kind(e.prefix) == SEGMENT for e in examples):
+        return None
+    from paligemma_cli.inference.segmentation import MaskCodec
+    from paligemma_cli.settings import resolve_model, resolve_vae
+
+    return MaskCodec.load(resolve_vae(vae, resolve_model(model)))
 
 
 def show_report(report, console, folder, data: Path, predictions: Path | None, json_out: bool) -> None:
@@ -132,7 +151,7 @@ def show_report(report, console, folder, data: Path, predictions: Path | None, j
 
 
 def eval_on_ranks(world, data: Path, model, batch_size: int, limit, tasks, predictions: Path | None, json_out: bool,
-                  max_tokens: int, dtype: str, quantize: str, compile: bool) -> None:
+                  max_tokens: int, dtype: str, quantize: str, compile: bool, vae: str | None = None) -> None:
     """`eval` as one rank of a torchrun job: each rank answers its contiguous share of the examples; rank 0
     gathers every answer, in input order, and scores the tasks over all of them (corpus metrics such as
     CIDEr-D cannot be averaged from per-rank scores), then writes --predictions and prints as one
@@ -161,6 +180,7 @@ def eval_on_ranks(world, data: Path, model, batch_size: int, limit, tasks, predi
         return examples, path
 
     examples, predictions = world.agree(inputs)
+    codec = world.agree(lambda: segment_codec(examples, vae, model))
     mine = list(world.shard(examples))
     opts = sampling_options(max_tokens)  # greedy: scores should not depend on a seed
     pipe = world.agree(lambda: load_pipeline(model, str(world.device), dtype, console, quantize=quantize,
@@ -179,11 +199,11 @@ def eval_on_ranks(world, data: Path, model, batch_size: int, limit, tasks, predi
                     progress.console.print(f"skipped: {item.error}", markup=False)
             progress.advance(bar, len(batch))
 
-        answered = evaluate(pipe, mine, opts, batch_size, on_progress).examples
+        answered = evaluate(pipe, mine, opts, batch_size, on_progress, codec).examples
     shares = world.gather(answered)  # contiguous shares in rank order: the input order
     if not world.is_main:
         return
-    report = report_of([item for share in shares for item in share], time.perf_counter() - t0)
+    report = report_of([item for share in shares for item in share], time.perf_counter() - t0, codec)
     if predictions:
         atomic_write_text(predictions, "".join(json.dumps(item.as_record(), ensure_ascii=False) + "\n"
                                                for item in report.examples))

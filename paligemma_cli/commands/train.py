@@ -16,9 +16,9 @@ def train(
     data: Annotated[Optional[Path], typer.Argument(help="Training JSONL: {\"image\", \"prefix\", \"suffix\"} per line.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder: the model checkpoint, metrics.jsonl, resume state.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file with any of these settings; flags override it.")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoint folder to fine-tune.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Checkpoint folder to fine-tune (with --objective vqvae: a vae-oid.npz).")] = None,
     model_config: Annotated[Optional[str], typer.Option("--model-config", help="Named config to train from scratch, e.g. demo-64 (siglip-demo-64 with --objective siglip).")] = None,
-    objective: Annotated[Optional[str], typer.Option("--objective", help="captioning (PaliGemma, the default), or siglip / clip: a SigLIP dual encoder on the caption lines.")] = None,
+    objective: Annotated[Optional[str], typer.Option("--objective", help="captioning (PaliGemma, the default); siglip / clip: a SigLIP dual encoder on the caption lines; vqvae: the VQ-VAE that `segment` decodes masks with, on the lines' mask images.")] = None,
     val_data: Annotated[Optional[Path], typer.Option("--val-data", help="Validation JSONL for periodic eval loss.")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Optimizer steps.")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1)] = None,
@@ -59,6 +59,8 @@ def train(
       paligemma train data/shapes/data.jsonl --objective siglip --model-config siglip-demo-64 --out runs/siglip
 
       paligemma train data/captions/data.jsonl --objective siglip --model-config siglip-demo-64 --hard-negatives 2 --out runs/siglip
+
+      paligemma train data/shapes-masks/data.jsonl --objective vqvae --steps 2000 --out runs/vqvae
 
       torchrun --nproc-per-node 4 -m paligemma_cli train data/train.jsonl --model ./paligemma2-10b-pt-224 --sharding fsdp --out runs/big
     """
@@ -118,9 +120,11 @@ def _train(world, device: str, flags: dict, config, objective, resume: bool, sha
             info = f"loss {m['loss']:.4f}  lr {m['lr']:.2e}  {m['examples_per_s']:.1f} ex/s"
             if "val_loss" in m:
                 info += f"  val {m['val_loss']:.4f}"
+            if "iou" in m:  # the VQ-VAE's reconstructions
+                info += f"  iou {m['iou']:.3f}" + (f"  val iou {m['val_iou']:.3f}" if "val_iou" in m else "")
             if live:
                 progress.update(task, completed=m["step"], info=info)
-            elif m["step"] % trainer.cfg.log_every == 0 or m["step"] == total or "val_loss" in m:
+            elif m["step"] % trainer.cfg.log_every == 0 or m["step"] == total or "val_loss" in m or "val_iou" in m:
                 console.print(f"step {m['step']}/{total}  {info}", highlight=False, soft_wrap=True)
 
         trainer.on_log = on_log

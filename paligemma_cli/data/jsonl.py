@@ -7,8 +7,10 @@ One object per line:
 `image` is relative to the jsonl file (or absolute). `suffix` is one string, or a list of strings
 when an eval set has several acceptable references. `task` is optional. `negatives` is optional too:
 captions that are close to the image's but wrong (e.g. its shapes in another order), which contrastive
-training can use as hard negatives (`paligemma train --objective siglip --hard-negatives 1`). Other
-keys are ignored.
+training can use as hard negatives (`paligemma train --objective siglip --hard-negatives 1`). `mask`
+is optional: an image of the object a `segment` line is about (any pixel above half is the object), the
+ground truth `eval` scores masks against and `train --objective vqvae` learns from; relative to the
+file, as `image`. Other keys are ignored.
 Blank lines are skipped. Images are not opened here: a bad image is reported by whoever loads it.
 """
 
@@ -28,6 +30,7 @@ class Example:
     suffix: str | list[str]
     task: str | None = None
     negatives: tuple[str, ...] = ()  # wrong captions of this image, for contrastive hard negatives
+    mask: Path | None = None  # the object's mask image, for segment lines
 
     @property
     def references(self) -> list[str]:
@@ -60,7 +63,11 @@ def _parse(line: str, base: Path) -> Example:
     negatives = obj.get("negatives", [])
     if not (isinstance(negatives, list) and all(isinstance(n, str) for n in negatives)):
         raise ValueError("'negatives' must be a list of strings")
-    return Example(base / obj["image"], obj["prefix"], suffix, task, tuple(negatives))
+    mask = obj.get("mask")
+    if mask is not None and not (isinstance(mask, str) and mask):
+        raise ValueError("'mask' must be a non-empty string (a mask image's path)")
+    return Example(base / obj["image"], obj["prefix"], suffix, task, tuple(negatives),
+                   base / mask if mask is not None else None)
 
 
 def read_jsonl(path: str | Path) -> list[Example]:

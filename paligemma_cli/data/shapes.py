@@ -14,6 +14,17 @@ Each scene yields examples in PaliGemma's task prompts (architecture spec, "Task
     answer en is the circle left of the square?  -> "yes" / "no"
     detect circle                           -> "<loc0123><loc0456><loc0789><loc0999> circle"
 
+and, only when asked for (`tasks=["segment"]`; they are not in the default mix, so the default data is
+what it always was):
+
+    segment circle                          -> "<loc0123><loc0456><loc0789><loc0999><seg012>...<seg077> circle"
+                                               (+ "mask": the circle's pixels, the ground truth `eval` scores)
+    mask (for training the VQ-VAE)          -> the line's image is one shape's mask, white on black
+
+The 16 `<seg>` codes are the VQ-VAE encoder's tokens for the shape's mask cropped to its box and stretched
+to 64x64 (big_vision's `refcoco_mask2str`), so a segment example needs a mask encoder (`encode_mask`); its
+location bins sit at pixel centres (see `segment_example`).
+
 Everything is a pure function of (seed, index): example i of a dataset does not depend on how many
 examples are written, so `--n 100` is a prefix of `--n 1000` with the same seed.
 """
@@ -27,10 +38,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 from paligemma_cli.outputs import mark_folder
 from paligemma_cli.processing.locations import Box, format_detections
+from paligemma_cli.processing.segmentation import format_segmentation
+
+# (whole-image boolean mask, box (y0, x0, y1, x1) normalised) -> the 16 `<seg>` codes of the box's content
+MaskEncoder = Callable[[np.ndarray, tuple[float, float, float, float]], Sequence[int]]
 
 SHAPES = ("circle", "square", "triangle")
 
@@ -146,6 +162,14 @@ def make_scene(seed: int, index: int = 0, size: int = 64, min_shapes: int = MIN_
     return random_scene(random.Random(f"shapes:{seed}:{index}"), size, min_shapes)
 
 
+def shape_mask(scene: Scene, shape: Shape) -> np.ndarray:
+    """The pixels of `shape` in the rendered scene, as a boolean (size, size) mask: drawn alone, the same way."""
+    image = Image.new("L", (scene.size, scene.size), 0)
+    x0, y0, x1, _ = shape.box
+    _draw(ImageDraw.Draw(image), shape.kind, x0, y0, x1 - x0, 255)
+    return np.asarray(image) > 0
+
+
 def render(scene: Scene) -> Image.Image:
     """The scene as an RGB image of side `scene.size`, without anti-aliasing: every pixel is either
     the background or exactly one shape's colour."""
@@ -203,35 +227,78 @@ def scene_examples(scene: Scene) -> list[dict]:
     return ex
 
 
+def segment_example(scene: Scene, shape: Shape, encode_mask: MaskEncoder) -> tuple[dict, np.ndarray]:
+    """(`segment <kind>` example, the shape's mask): the box's location tokens, the 16 codes
+    `encode_mask` gives the mask's box content, then the label.
+
+    The location bins are those of the box's pixel centres, not of its edges as `detect` writes them:
+    big_vision places a mask at int(bin / 1023 * size), and on a 64-pixel image an edge binned with
+    round(edge * 1023) lands just below its pixel half the time, so every answer, even a perfect one,
+    would lose a pixel row or column (about 10 IoU points on these 19-29 pixel shapes). A bin at the
+    pixel's centre truncates to that pixel, with half a pixel to spare either way."""
+    mask = shape_mask(scene, shape)
+    x0, y0, x1, y1 = shape.box
+    size = scene.size
+    crop = (y0 / size, x0 / size, y1 / size, x1 / size)
+    codes = encode_mask(mask, crop)
+    centres = tuple((v + 0.5) / size for v in (y0, x0, y1, x1))  # x1, y1 are exclusive: the pixel after the box
+    return {"prefix": f"segment {shape.kind}", "suffix": format_segmentation(centres, codes, shape.kind),
+            "task": "segment"}, mask
+
+
 TASKS = tuple(dict.fromkeys(TASK_CYCLE))
+# Tasks written only when named: each example of them also writes a mask image.
+MASK_TASKS = ("segment", "mask")
 
 
 def task_cycle(tasks: Sequence[str] | None = None) -> tuple[str, ...]:
-    """TASK_CYCLE kept to `tasks` (in their proportions to each other); all of it for None."""
+    """TASK_CYCLE kept to `tasks` (in their proportions to each other); all of it for None.
+
+    `segment` and `mask` join as many slots as `detect` has (3 of 13 in a mix of every task), or fill
+    the cycle alone. `all` is every task the model answers: the default mix, every other example, and
+    `segment` in between (the demo model learns segmentation on top of what it knows: the new task
+    needs the bulk of the examples, the others enough to stay learnt)."""
     if tasks is None:
         return TASK_CYCLE
-    unknown = sorted(set(tasks) - set(TASKS))
+    if "all" in tasks:
+        if set(tasks) != {"all"}:
+            raise ValueError("all is every task already: give it alone")
+        return tuple(t for task in TASK_CYCLE for t in (task, "segment"))
+    unknown = sorted(set(tasks) - set(TASKS) - set(MASK_TASKS))
     if unknown or not tasks:
         what = f"unknown task(s) {', '.join(unknown)}" if unknown else "no task given"
-        raise ValueError(f"{what}; choose from {', '.join(TASKS)}")
-    return tuple(t for t in TASK_CYCLE if t in tasks)
+        raise ValueError(f"{what}; choose from {', '.join(TASKS + MASK_TASKS)} or all")
+    cycle = tuple(t for t in TASK_CYCLE if t in tasks)
+    for extra in MASK_TASKS:
+        if extra in tasks:
+            cycle += (extra,) * TASK_CYCLE.count("detect")
+    return cycle
 
 
 def task_for(index: int, cycle: tuple[str, ...] = TASK_CYCLE) -> str:
     return cycle[index % len(cycle)]
 
 
-def make_example(seed: int, index: int, size: int = 64,
-                 cycle: tuple[str, ...] = TASK_CYCLE) -> tuple[Scene, dict]:
+def make_example(seed: int, index: int, size: int = 64, cycle: tuple[str, ...] = TASK_CYCLE,
+                 encode_mask: MaskEncoder | None = None) -> tuple[Scene, dict]:
     """Example number `index` of the dataset for `seed`: its own scene and one question about it.
 
     Scene `index` depends only on the seed, the index and whether the task needs two shapes, so a
-    captions-only file (`cycle=("caption",)`) shows the scenes `make_scene(seed, i)`."""
+    captions-only file (`cycle=("caption",)`) shows the scenes `make_scene(seed, i)`. A `segment` or
+    `mask` example is about the shape its prefix names (`segment circle`); see `shape_mask`."""
     task = task_for(index, cycle)
     # A spatial question needs two shapes; asking for them here keeps the task mix exact.
     scene = make_scene(seed, index, size, min_shapes=2 if task == "spatial" else MIN_SHAPES)
+    pick = random.Random(f"pick:{seed}:{index}")
+    if task == "mask":
+        shape = pick.choice(scene.shapes)
+        return scene, {"prefix": f"segment {shape.kind}", "suffix": shape.kind, "task": "mask"}
+    if task == "segment":
+        if encode_mask is None:
+            raise ValueError("segment examples need a mask encoder (a VQ-VAE) for their <seg> codes")
+        return scene, segment_example(scene, pick.choice(scene.shapes), encode_mask)[0]
     choices = [e for e in scene_examples(scene) if e["task"] == task]
-    return scene, random.Random(f"pick:{seed}:{index}").choice(choices)
+    return scene, pick.choice(choices)
 
 
 def write_dataset(
@@ -241,27 +308,44 @@ def write_dataset(
     image_size: int = 64,
     progress: Callable[[int, int], None] | None = None,
     tasks: Sequence[str] | None = None,
+    encode_mask: MaskEncoder | None = None,
 ) -> Path:
     """Write `n` examples, one scene image each, to `out_dir`; return the path of `data.jsonl`.
 
     Layout: `images/000000.png`, ... and `data.jsonl` with one line per example:
     `{"image": "images/000000.png", "prefix": ..., "suffix": ..., "task": ...}` (image path relative
     to the jsonl). Tasks follow TASK_CYCLE, kept to `tasks` when given (e.g. ["caption"] for
-    image-caption pairs). Written one example at a time, never all in memory;
-    `progress(done, n)` is called after each. Same arguments -> byte-identical data.jsonl and PNGs.
+    image-caption pairs). A `segment` example also writes `masks/000000.png` (its shape's pixels, white
+    on black) and names it in `"mask"`; its codes come from `encode_mask`. A `mask` example's image is
+    that mask itself (data for `train --objective vqvae`). Written one example at a time, never all
+    in memory; `progress(done, n)` is called after each. Same arguments -> byte-identical data.jsonl
+    and PNGs.
     """
     cycle = task_cycle(tasks)  # a bad task list fails before anything is written
+    if "segment" in cycle and encode_mask is None:
+        raise ValueError("segment examples need a mask encoder (a VQ-VAE) for their <seg> codes")
     out_dir = Path(out_dir)
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if set(cycle) != {"mask"}:
+        (out_dir / "images").mkdir(exist_ok=True)
+    if any(t in MASK_TASKS for t in cycle):
+        (out_dir / "masks").mkdir(exist_ok=True)
     mark_folder(out_dir, "dataset")
     final = out_dir / "data.jsonl"
     partial = out_dir / "data.jsonl.partial"  # renamed at the end: a data.jsonl is always complete
     with partial.open("w", encoding="utf-8", newline="\n") as f:
         for i in range(n):
-            scene, example = make_example(seed, i, image_size, cycle)
-            name = f"images/{i:06d}.png"
-            render(scene).save(out_dir / name, format="PNG")
-            f.write(json.dumps({"image": name, **example}, ensure_ascii=False) + "\n")
+            scene, example = make_example(seed, i, image_size, cycle, encode_mask)
+            line = {"image": f"images/{i:06d}.png"}
+            if example["task"] in MASK_TASKS:
+                mask = shape_mask(scene, scene.find(example["prefix"].split()[-1]))
+                line["mask"] = f"masks/{i:06d}.png"
+                Image.fromarray(mask.astype(np.uint8) * 255, "L").save(out_dir / line["mask"], format="PNG")
+            if example["task"] == "mask":
+                line = {"image": line["mask"]}  # the mask is the picture: nothing else to look at
+            else:
+                render(scene).save(out_dir / line["image"], format="PNG")
+            f.write(json.dumps({**line, **example}, ensure_ascii=False) + "\n")
             if progress is not None:
                 progress(i + 1, n)
     partial.replace(final)

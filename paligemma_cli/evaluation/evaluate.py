@@ -8,6 +8,9 @@ Each example belongs to a task: its `task` field when the dataset has one (the s
     caption ... / describe   -> exact match, BLEU-4 and CIDEr-D       (caption_metrics)
     detect ...               -> detect accuracy, precision and recall at IoU >= 0.5, mean IoU
                                                                       (detection_metrics)
+    segment ...              -> mean per-example mask IoU, box accuracy at IoU >= 0.5, share of
+                                invalid answers, as big_vision scores RefCOCO (segmentation.py;
+                                needs the VQ-VAE that decodes the masks)
     anything else            -> exact match
 
 Aggregate scores are percentages (the papers' scale). Generation (`evaluate`) is kept apart from
@@ -29,22 +32,24 @@ from paligemma_cli.data.jsonl import Example
 from paligemma_cli.errors import PaliGemmaError
 from paligemma_cli.evaluation.boxes import detection_scores, match_boxes
 from paligemma_cli.evaluation.captions import cider_d, corpus_bleu, tokenize_caption
+from paligemma_cli.evaluation.segmentation import aggregate_segment_scores, segment_scores
 from paligemma_cli.evaluation.vqa import exact_match as vqa_exact_match
 from paligemma_cli.evaluation.vqa import vqa_accuracy
 from paligemma_cli.processing.image import load_image
 from paligemma_cli.processing.locations import Box, parse_detections
 
-VQA, CAPTION, DETECT, EXACT = "vqa", "caption", "detect", "exact"
-_KIND_OF_PROMPT = {"answer": VQA, "caption": CAPTION, "describe": CAPTION, "detect": DETECT}
+VQA, CAPTION, DETECT, SEGMENT, EXACT = "vqa", "caption", "detect", "segment", "exact"
+_KIND_OF_PROMPT = {"answer": VQA, "caption": CAPTION, "describe": CAPTION, "detect": DETECT, "segment": SEGMENT}
 # The task name given to an example without a `task` field, by kind.
-_INFERRED_NAME = {VQA: "vqa", CAPTION: "caption", DETECT: "detect", EXACT: "other"}
+_INFERRED_NAME = {VQA: "vqa", CAPTION: "caption", DETECT: "detect", SEGMENT: "segment", EXACT: "other"}
 
 # Metric keys in display order; every aggregate is a percentage.
-METRICS = ("exact_match", "vqa_accuracy", "bleu4", "cider", "accuracy", "precision", "recall", "mean_iou")
+METRICS = ("exact_match", "vqa_accuracy", "bleu4", "cider", "accuracy", "precision", "recall", "mean_iou",
+           "miou", "boxacc", "invalid")
 
 
 def task_kind(prefix: str) -> str:
-    """Which metrics fit a prefix, from its first word: "vqa", "caption", "detect" or "exact"."""
+    """Which metrics fit a prefix, from its first word: "vqa", "caption", "detect", "segment" or "exact"."""
     words = prefix.strip().lower().split(maxsplit=1)
     return _KIND_OF_PROMPT.get(words[0], EXACT) if words else EXACT
 
@@ -69,8 +74,8 @@ class ScoredExample:
     """One example as evaluated: the model's answer and its own score, or why it was skipped.
 
     score holds per-example values in [0, 1] (exact_match, vqa_accuracy; for detection: accuracy,
-    and the matched/predicted/ground_truth box counts). Empty when `error` is set. size is the image's
-    (width, height), which places detection boxes when the task is scored.
+    and the matched/predicted/ground_truth box counts; for segmentation: iou, box_iou, valid). Empty
+    when `error` is set. size is the image's (width, height), which places boxes when the task is scored.
     """
 
     example: Example
@@ -164,13 +169,23 @@ def _image_size(path: Path) -> tuple[int, int]:
     return width, height
 
 
-def score_example(prediction: str, example: Example, size: tuple[int, int] | None = None) -> dict[str, float]:
+def _need_codec(codec):
+    if codec is None:
+        raise PaliGemmaError("scoring segment answers needs the VQ-VAE that decodes their masks (eval --vae)")
+    return codec
+
+
+def score_example(prediction: str, example: Example, size: tuple[int, int] | None = None,
+                  codec=None) -> dict[str, float]:
     """The example's own score, each value in [0, 1] (box counts for detection).
 
-    size: (width, height) of the image, needed for detection only; read from the file when None.
+    size: (width, height) of the image, needed for detection and segmentation only; read from the
+    file when None. codec: the `MaskCodec` segmentation answers are decoded with.
     """
     refs = example.references
     kind = task_kind(example.prefix)
+    if kind == SEGMENT:
+        return segment_scores(prediction, example, size or _image_size(example.image), _need_codec(codec))
     if kind == VQA:
         return {"exact_match": vqa_exact_match(prediction, refs), "vqa_accuracy": _vqa_score(prediction, refs)}
     if kind == CAPTION:
@@ -189,8 +204,11 @@ def _mean(values: list[float]) -> float:
     return 100 * sum(values) / len(values)
 
 
-def _aggregate(kind: str, predictions: list[str], examples: list[Example], sizes: list) -> dict[str, float]:
+def _aggregate(kind: str, predictions: list[str], examples: list[Example], sizes: list, codec=None) -> dict[str, float]:
     refs = [e.references for e in examples]
+    if kind == SEGMENT:
+        return aggregate_segment_scores([segment_scores(p, e, size or _image_size(e.image), _need_codec(codec))
+                                         for p, e, size in zip(predictions, examples, sizes)])
     if kind == VQA:
         return {"exact_match": _mean([vqa_exact_match(p, r) for p, r in zip(predictions, refs)]),
                 "vqa_accuracy": _mean([_vqa_score(p, r) for p, r in zip(predictions, refs)])}
@@ -219,14 +237,16 @@ def score(
     predictions: Sequence[str],
     examples: Sequence[Example],
     sizes: Sequence[tuple[int, int] | None] | None = None,
+    codec=None,
 ) -> dict[str, TaskResult]:
     """Per-task aggregate scores of `predictions[i]` as the answer to `examples[i]`.
 
     Args:
         predictions: one model answer per example.
         examples: the examples, with their references.
-        sizes: (width, height) of each image, used to place detection boxes in pixels; read from
-            the image files (header only) where missing.
+        sizes: (width, height) of each image, used to place detection boxes and masks in pixels; read
+            from the image files (header only) where missing.
+        codec: the `MaskCodec` (VQ-VAE) that decodes segmentation answers; needed only for them.
 
     Returns:
         task name -> TaskResult, in order of first appearance. A task whose examples mix prompt
@@ -245,7 +265,8 @@ def score(
     results = {}
     for (name, kind), idx in groups.items():
         label = name if kinds_per_name[name] == 1 else f"{name}/{kind}"
-        metrics = _aggregate(kind, [predictions[i] for i in idx], [examples[i] for i in idx], [sizes[i] for i in idx])
+        metrics = _aggregate(kind, [predictions[i] for i in idx], [examples[i] for i in idx], [sizes[i] for i in idx],
+                             codec)
         results[label] = TaskResult(label, kind, len(idx), metrics)
     return results
 
@@ -271,6 +292,7 @@ def evaluate(
     opts,
     batch_size: int = 16,
     on_progress: Callable[[list[ScoredExample]], None] | None = None,
+    codec=None,
 ) -> EvalReport:
     """Answer every example with the model, batched, and score the answers per task.
 
@@ -281,10 +303,13 @@ def evaluate(
         batch_size: examples per `generate` call.
         on_progress: called after each batch with that batch's ScoredExamples (skipped ones
             included), so a caller can write records and advance a progress bar as they come.
+        codec: the `MaskCodec` that decodes `segment` answers (needed only when there are some).
 
     An image that cannot be read is recorded with its error and left out of the scores; it does
     not stop the run.
     """
+    if codec is None and any(task_kind(e.prefix) == SEGMENT for e in examples):
+        _need_codec(codec)  # before any generation, not at the first segment answer
     t0 = time.perf_counter()
     done: list[ScoredExample] = []
     for start in range(0, len(examples), batch_size):
@@ -302,17 +327,18 @@ def evaluate(
             answers = pipeline.generate(images, [item.example.prefix for item in ready], opts)
             for item, image, answer in zip(ready, images, answers):
                 item.prediction = answer
-                item.score = score_example(answer, item.example, image.size)
+                item.score = score_example(answer, item.example, image.size, codec)
                 item.size = image.size
         done += batch
         if on_progress is not None:
             on_progress(batch)
-    return report_of(done, time.perf_counter() - t0)
+    return report_of(done, time.perf_counter() - t0, codec)
 
 
-def report_of(items: list[ScoredExample], seconds: float = 0.0) -> EvalReport:
+def report_of(items: list[ScoredExample], seconds: float = 0.0, codec=None) -> EvalReport:
     """The report of examples answered already (in one process, or gathered from several): every task
     scored over all its examples together, as corpus metrics need."""
     scored = [item for item in items if item.error is None]
-    tasks = score([s.prediction for s in scored], [s.example for s in scored], [s.size for s in scored]) if scored else {}
+    tasks = (score([s.prediction for s in scored], [s.example for s in scored], [s.size for s in scored], codec)
+             if scored else {})
     return EvalReport(tasks, items, seconds=seconds)

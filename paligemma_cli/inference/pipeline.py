@@ -106,13 +106,15 @@ class Pipeline:
         return context - max_new_tokens
 
     def prepare(self, images: Sequence, prompts: Sequence[str], max_new_tokens: int) -> dict:
-        """A left-padded batch on the model's device; images are PIL images, paths or bytes."""
+        """A left-padded batch on the model's device; one entry of `images` per prompt: a PIL image, path
+        or bytes, or a list of them for a prompt about several images."""
         batch = self.processor(list(prompts), images=list(images), padding_side="left",
                                max_length=self.max_prompt_tokens(max_new_tokens))
         return {k: v.to(self.model.device) for k, v in batch.items()}
 
     def stream(self, image, prompt: str, opts: SamplingOptions) -> Iterator[str]:
-        """Yield the answer's text piece by piece as it is generated (one image, one prompt)."""
+        """Yield the answer's text piece by piece as it is generated: one prompt about `image`, or about
+        each image of a list in turn (PaliGemma's multi-image prompts)."""
         t0 = time.perf_counter()
         batch = self.prepare([image], [prompt], opts.max_new_tokens)
         stats = GenerationStats(prompt_tokens=int(batch["input_ids"].shape[1]))
@@ -140,7 +142,8 @@ class Pipeline:
         stats.total_s = time.perf_counter() - t0
 
     def generate(self, images: Sequence, prompts: Sequence[str], opts: SamplingOptions) -> list[str]:
-        """Answer a batch of (image, prompt) pairs; returns one string per pair."""
+        """Answer a batch of (image, prompt) pairs, an image being a list of them for a multi-image
+        prompt; returns one string per pair."""
         t0 = time.perf_counter()
         batch = self.prepare(images, prompts, opts.max_new_tokens)
         steps = []

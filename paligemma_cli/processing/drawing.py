@@ -1,8 +1,11 @@
-"""Model answers drawn on the picture they are about: boxes with their labels."""
+"""Model answers drawn on the picture they are about: boxes with their labels, translucent masks."""
 
 from __future__ import annotations
 
-from PIL import Image, ImageDraw, ImageFont
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageColor, ImageDraw, ImageFont
 
 from paligemma_cli.processing.locations import Box
 
@@ -29,3 +32,26 @@ def draw_boxes(image: Image.Image, boxes: list[Box], line_width: int = 3) -> Ima
         draw.rectangle((box.x0, tag_y, box.x0 + text_w + 4, tag_y + text_h + 4), fill=colour)
         draw.text((box.x0 + 2 - left, tag_y + 2 - top), box.label, fill="white", font=font)
     return out
+
+
+MASK_OPACITY = 0.45  # enough to see the mask, little enough to see what it covers
+
+
+def draw_masks(image: Image.Image, objects: Sequence[tuple[str, tuple[int, int, int, int], np.ndarray]],
+               line_width: int = 2) -> Image.Image:
+    """A copy of `image` with each object's mask tinted in, then its box and label drawn as `draw_boxes` does.
+
+    objects: (label, (x0, y0, x1, y1) with ends exclusive, boolean mask (H, W) of the image's size).
+    One label keeps one colour, the same for its masks and its boxes.
+    """
+    out = image.convert("RGB")
+    colours: dict[str, str] = {}
+    pixels = np.asarray(out, dtype=np.float32).copy()
+    for label, _, mask in objects:
+        colour = colours.setdefault(label, _PALETTE[len(colours) % len(_PALETTE)])
+        tint = np.array(ImageColor.getrgb(colour), dtype=np.float32)
+        pixels[mask] = (1 - MASK_OPACITY) * pixels[mask] + MASK_OPACITY * tint
+    out = Image.fromarray(pixels.round().astype(np.uint8), "RGB")
+    # Pillow's rectangles include their far corner; the boxes here end one pixel before it.
+    boxes = [Box(label, x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)) for label, (x0, y0, x1, y1), _ in objects]
+    return draw_boxes(out, boxes, line_width)

@@ -8,6 +8,10 @@ One example is laid out as
     <image> x n | <bos> | prefix "\\n" | suffix <eos>
     type 0 ........................... | type 1          (token_type_ids: prefix-LM blocks)
     label -100 ....................... | suffix ids      (loss only on what the model must say)
+
+With several images in one prompt (PaliGemma's multi-image transfers, e.g. NLVR2: the PaliGemma paper,
+section on multi-image tasks; transformers' processor with a list of images per prompt), each image's
+n tokens come in order before the `<bos>`, and `pixel_values` holds every prompt's images in turn.
 """
 
 from __future__ import annotations
@@ -65,8 +69,8 @@ class PaliGemmaProcessor:
 
         Args:
             prompts: B prefixes ("caption en", "detect cat ; dog"), or one string.
-            images: B images (PIL images, paths or encoded bytes; one per prompt), or None to
-                leave out `pixel_values`.
+            images: one entry per prompt, each an image (PIL image, path or encoded bytes) or a list
+                of images that prompt is about, in order; or None to leave out `pixel_values`.
             suffixes: B target answers for training, or None for generation.
             padding_side: "left" (generation: every row ends at the last column, so new tokens
                 append in one place) or "right" (training). Default: left without suffixes,
@@ -77,7 +81,8 @@ class PaliGemmaProcessor:
             dict of tensors, T the longest row:
             input_ids, attention_mask, token_type_ids: int64 [B, T];
             labels: int64 [B, T], only with suffixes (-100 outside suffix + eos);
-            pixel_values: float32 [B, 3, S, S], only with images.
+            pixel_values: float32 [I, 3, S, S], only with images: I = B with one image per prompt,
+                else every prompt's images in turn.
 
         Raises:
             PaliGemmaError: when a row is longer than `max_length`, or counts do not match.
@@ -94,9 +99,10 @@ class PaliGemmaProcessor:
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
 
+        per_prompt = None if images is None else self._images_per_prompt(images, len(prompts))
         rows = []  # (ids, types, labels) per example
         for i, prefix in enumerate(prompts):
-            ids = self.prompt_ids(prefix)
+            ids = self.prompt_ids(prefix, 1 if per_prompt is None else len(per_prompt[i]))
             self._check_length(len(ids), max_length, "prompt")
             types = [0] * len(ids)
             labels = [IGNORE_INDEX] * len(ids)
@@ -121,9 +127,22 @@ class PaliGemmaProcessor:
             batch["labels"][b, cols] = torch.tensor(labels)
         if suffixes is None:
             del batch["labels"]
-        if images is not None:
-            batch["pixel_values"] = self.pixel_values(images, len(prompts))
+        if per_prompt is not None:
+            batch["pixel_values"] = self.pixel_values([im for group in per_prompt for im in group])
         return batch
+
+    @staticmethod
+    def _images_per_prompt(images, batch_size: int) -> list[list]:
+        """Each prompt's images as a list: `images` holds one entry per prompt, an image or a list of them."""
+        if isinstance(images, (Image.Image, str, Path, bytes)):
+            images = [images]
+        groups = [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
+        if len(groups) != batch_size:
+            raise PaliGemmaError(f"got {batch_size} prompts but {len(groups)} images: give one image (or one list "
+                                 "of images) per prompt")
+        if any(not group for group in groups):
+            raise PaliGemmaError("a prompt has an empty list of images: give it at least one")
+        return groups
 
     def pixel_values(self, images, batch_size: int | None = None):
         """float32 [B, 3, S, S] from B images (PIL images, paths, bytes, or one of them alone)."""

@@ -55,7 +55,7 @@ def int8_kernel(dtype: torch.dtype, device: torch.device) -> str:
     if wanted == "dynamic" and not dynamic_possible:
         raise PaliGemmaError(f"{INT8_KERNEL_ENV}=dynamic needs float32 on a CPU with fbgemm (--dtype fp32)")
     # Automatically, weight-only everywhere: dynamic int8 is faster on float32 models but quantizing the
-    # activations cost the demo model 2 points of detection accuracy (docs/speed.md), so it is opt-in.
+    # activations cost one demo model 2 points of detection accuracy (docs/speed.md), so it is opt-in.
     return "weight-only" if wanted == "auto" else wanted
 
 

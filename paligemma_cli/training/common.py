@@ -314,7 +314,6 @@ class TrainerBase:
         """Read the data, build the model and the optimizer (each trainer's own)."""
         raise NotImplementedError
 
-
     def read_image(self, path):
         """The image at `path`, or None if it cannot be read (each unreadable file counted once)."""
         path = str(path)
@@ -372,7 +371,7 @@ class TrainerBase:
                 metrics["examples_per_s"] = seen / (time.perf_counter() - t0)
                 self.after_step(metrics)
                 step = self.state.step
-                if step % cfg.log_every == 0 or step == cfg.steps or "val_loss" in metrics:
+                if step % cfg.log_every == 0 or step == cfg.steps or any(k.startswith("val_") for k in metrics):
                     self._log(metrics)
                 self.on_log(metrics)
                 last = metrics

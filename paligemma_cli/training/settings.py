@@ -2,7 +2,8 @@
 
 Precedence: flags over the `--config` YAML file; with `--resume` and no data given, the settings the run
 saved (`train_config.yaml`) fill in what neither names. `objective` picks the trainer: captioning
-(PaliGemma, `paligemma.py`) or siglip / clip (a dual encoder, `contrastive.py`).
+(PaliGemma, `paligemma.py`), siglip / clip (a dual encoder, `contrastive.py`) or vqvae (the mask
+tokenizer of `segment`, `vqvae.py`).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from paligemma_cli.distributed import World
 from paligemma_cli.errors import PaliGemmaError
 from paligemma_cli.training.contrastive import CONTRASTIVE_OBJECTIVES, ContrastiveTrainConfig, ContrastiveTrainer
 from paligemma_cli.training.paligemma import TrainConfig, Trainer
+from paligemma_cli.training.vqvae import VQVAETrainConfig, VQVAETrainer
 
-OBJECTIVES = ("captioning", *CONTRASTIVE_OBJECTIVES)
+OBJECTIVES = ("captioning", *CONTRASTIVE_OBJECTIVES, "vqvae")
 
 
 def read_yaml(path: Path) -> dict:
@@ -39,7 +41,7 @@ def merge_settings(config: Path | None, flags: dict, objective: str | None, resu
     if config is not None:
         settings = read_yaml(config)
         unknown = sorted(set(settings) - TrainConfig.field_names() - {"objective"})
-        if unknown and (objective or settings.get("objective")) not in CONTRASTIVE_OBJECTIVES:  # those check their own
+        if unknown and (objective or settings.get("objective")) not in (*CONTRASTIVE_OBJECTIVES, "vqvae"):  # those check their own
             raise PaliGemmaError(f"'{config}': unknown setting(s) {', '.join(unknown)}; "
                                  f"see `paligemma train --help` for the settings")
     for key, value in flags.items():
@@ -57,14 +59,19 @@ def merge_settings(config: Path | None, flags: dict, objective: str | None, resu
     saved_objective = settings.pop("objective", None)  # from --config, or the run being resumed
     objective = objective or saved_objective or "captioning"
     if objective not in OBJECTIVES:
-        raise PaliGemmaError(f"--objective must be captioning, siglip or clip, got {objective!r}")
+        raise PaliGemmaError(f"--objective must be captioning, siglip, clip or vqvae, got {objective!r}")
     return objective, settings
 
 
 def make_trainer(objective: str, settings: dict, device, resume: bool, world: World | None = None,
-                 sharding: str = "ddp") -> Trainer | ContrastiveTrainer:
+                 sharding: str = "ddp") -> Trainer | ContrastiveTrainer | VQVAETrainer:
     """The trainer for `objective`, set up (data read, model built, resumed if asked) and ready to `run()`;
     on a `world` of several ranks (torchrun), data-parallel with `sharding` (ddp or fsdp)."""
+    if objective == "vqvae":
+        if world is not None and world.distributed:
+            raise PaliGemmaError("--objective vqvae trains in one process; launch it without torchrun")
+        return VQVAETrainer(VQVAETrainConfig.from_dict({**settings, "objective": objective}), device=device,
+                            resume=resume)
     if objective in CONTRASTIVE_OBJECTIVES:
         if world is not None and world.distributed:
             # Its loss compares every image with every caption of the batch: split over ranks it would

@@ -299,3 +299,13 @@ def test_merge_lora(tmp_path, batch):
     merged = load_model(tmp_path / "merged")
     assert not any("lora" in k for k in merged.state_dict())
     torch.testing.assert_close(logits(merged, batch), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_a_vae_beside_the_model_travels_with_it(tmp_path):
+    from tests.fixtures.checkpoints import make_tiny_checkpoint
+
+    src = make_tiny_checkpoint(tmp_path / "src")
+    (src / "vae-oid.npz").write_bytes(b"the model's VQ-VAE")
+    result = run_cli(str(src), str(tmp_path / "bf16"), "--dtype", "bf16")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "bf16" / "vae-oid.npz").read_bytes() == b"the model's VQ-VAE"

@@ -1,6 +1,7 @@
 """`paligemma download` and `resolve_model` against a fake Hugging Face Hub on 127.0.0.1.
 
-The fake Hub answers the requests huggingface_hub 2.4's `snapshot_download` makes:
+The fake Hub answers the requests huggingface_hub 2.4's `snapshot_download` and `hf_hub_download` make
+(a Space's or dataset's files under `/spaces/...`, `/datasets/...`, keyed `spaces/owner/name`):
 
   GET  /api/models/{repo}/revision/{rev}     repo info; its `sha` pins the commit
   GET  /api/models/{repo}/tree/{commit}      the file listing (one page, no `Link` header)
@@ -47,7 +48,7 @@ FILES = {
     "flax_model.msgpack": b"not wanted" * 1000,
     "README.md": b"# tiny\n",
 }
-LFS = {"model.safetensors", "tokenizer.model", "flax_model.msgpack"}
+LFS = {"model.safetensors", "tokenizer.model", "flax_model.msgpack", "vae-oid.npz"}
 
 
 @dataclass
@@ -98,8 +99,11 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._json(info, body)
             if kind == "tree":
                 return self._json([self._tree_entry(f, data) for f, data in repo.files.items()], body)
+        kind = parts[0] + "/" if parts[0] in ("spaces", "datasets") else ""  # Space and dataset files
+        if kind:
+            parts = parts[1:]
         if len(parts) >= 5 and parts[2] == "resolve":
-            repo_id, rev, filename = "/".join(parts[:2]), parts[3], "/".join(parts[4:])
+            repo_id, rev, filename = kind + "/".join(parts[:2]), parts[3], "/".join(parts[4:])
             repo = self._repo(repo_id, rev)
             if repo is None:
                 return
@@ -391,7 +395,8 @@ def test_no_model_configured(monkeypatch, tmp_path):
         resolve_model(None)
 
 
-def test_a_silent_hub_times_out_with_one_line(monkeypatch):
+@pytest.mark.parametrize("what", [["google/paligemma-tiny"], ["--vae"]], ids=["model", "vae"])
+def test_a_silent_hub_times_out_with_one_line(monkeypatch, what):
     """A server that accepts the connection and never answers: one line after --timeout, not a hang."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -412,7 +417,7 @@ def test_a_silent_hub_times_out_with_one_line(monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{listener.getsockname()[1]}")
     try:
         started = time.monotonic()
-        result = run("google/paligemma-tiny", "--timeout", "1")
+        result = run(*what, "--timeout", "1")
         elapsed = time.monotonic() - started
     finally:
         stop.set()
@@ -434,3 +439,87 @@ def test_local_dir_must_not_hold_other_files(hub, tmp_path):
     assert (target / "config.json").read_text() == '{"my": "own"}'
     assert run("google/paligemma-tiny", "--local-dir", str(tmp_path / "new")).exit_code == 0
     assert run("google/paligemma-tiny", "--local-dir", str(tmp_path / "new")).exit_code == 0  # again: resumes
+# --- the segmentation VQ-VAE -------------------------------------------------------------------------
+
+
+VAE_BYTES = b"PK\x03\x04 pretend npz" * 100
+
+
+@pytest.fixture
+def vae_hub(hub):
+    hub.repos["spaces/google/paligemma-hf"] = Repo({"vae-oid.npz": VAE_BYTES, "app.py": b"print()"})
+    hub.repos["spaces/me/masks"] = Repo({"weights/mine.npz": VAE_BYTES[::-1]})
+    return hub
+
+
+def test_download_vae_from_the_published_space(vae_hub, tmp_path):
+    result = run("--vae")
+    assert result.exit_code == 0, result.stderr
+    path = Path(result.stdout.strip())
+    assert path.name == "vae-oid.npz" and path.read_bytes() == VAE_BYTES
+    requested = {p for _, p, _ in vae_hub.log}
+    assert any(p.startswith("/spaces/google/paligemma-hf/resolve/") for p in requested)
+    assert not any("app.py" in p for p in requested)
+    # Found again offline, by segment's lookup, when nothing beside the model or in the config names one.
+    model_folder = tmp_path / "model"
+    model_folder.mkdir()
+    assert model_source.resolve_vae(None, model_folder).read_bytes() == VAE_BYTES
+
+
+def test_download_model_and_vae_together(vae_hub):
+    result = run("google/paligemma-tiny", "--vae")
+    assert result.exit_code == 0, result.stderr
+    folder, vae = map(Path, result.stdout.split())
+    assert (folder / "config.json").is_file() and vae.read_bytes() == VAE_BYTES
+
+
+def test_download_vae_from_a_configured_repo(vae_hub, tmp_path, monkeypatch):
+    config = tmp_path / "config.toml"
+    config.write_text('vae_repo = "spaces/me/masks"\nvae_file = "weights/mine.npz"\n')
+    monkeypatch.setenv("PALIGEMMA_CONFIG", str(config))
+    result = run("--vae")
+    assert result.exit_code == 0, result.stderr
+    assert Path(result.stdout.strip()).read_bytes() == VAE_BYTES[::-1]
+    assert model_source.resolve_vae(None, tmp_path).read_bytes() == VAE_BYTES[::-1]
+    monkeypatch.delenv("PALIGEMMA_CONFIG")
+    flags = run("--vae", "--vae-repo", "spaces/me/masks", "--vae-file", "weights/mine.npz")
+    assert flags.exit_code == 0 and Path(flags.stdout.strip()).read_bytes() == VAE_BYTES[::-1]
+
+
+@pytest.mark.parametrize("args, message", [
+    ((), "give a model id"),
+    (("google/paligemma-tiny", "--vae-repo", "spaces/me/masks"), "--vae-repo and --vae-file go with --vae"),
+    (("--vae", "--vae-file", "nope.npz"), "'spaces/google/paligemma-hf' holds no file 'nope.npz'"),
+    (("--vae", "--vae-repo", "spaces/nobody/here"), "no such space repository 'nobody/here'"),
+])
+def test_download_vae_errors(vae_hub, args, message):
+    result = run(*args)
+    assert result.exit_code == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr
+
+
+def test_vae_is_looked_for_in_order(tmp_path, monkeypatch):
+    model_folder = tmp_path / "model"
+    model_folder.mkdir()
+    with pytest.raises(PaliGemmaError, match=r"^no VQ-VAE to decode masks with: put vae-oid.npz beside the model "
+                                             rf"in {model_folder}, pass --vae PATH, add vae = \"PATH\" to .*config.toml, "
+                                             r"or run `paligemma download --vae`$"):
+        model_source.resolve_vae(None, model_folder)
+    configured = tmp_path / "configured.npz"
+    configured.write_bytes(b"c")
+    config = tmp_path / "config.toml"
+    config.write_text(f'vae = "{configured}"\n')
+    monkeypatch.setenv("PALIGEMMA_CONFIG", str(config))
+    assert model_source.resolve_vae(None, model_folder) == configured
+    (model_folder / "vae-oid.npz").write_bytes(b"b")
+    assert model_source.resolve_vae(None, model_folder) == model_folder / "vae-oid.npz"
+    explicit = tmp_path / "explicit.npz"
+    explicit.write_bytes(b"e")
+    assert model_source.resolve_vae(str(explicit), model_folder) == explicit
+    with pytest.raises(PaliGemmaError, match="--vae 'missing.npz' does not exist"):
+        model_source.resolve_vae("missing.npz", model_folder)
+    config.write_text('vae = "/nowhere/vae.npz"\n')
+    (model_folder / "vae-oid.npz").unlink()
+    with pytest.raises(PaliGemmaError, match='vae = "/nowhere/vae.npz" does not exist'):
+        model_source.resolve_vae(None, model_folder)

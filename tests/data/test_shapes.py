@@ -1,5 +1,6 @@
 """The shapes world: determinism, and answers that agree with the rendered pixels."""
 
+import json
 import re
 from collections import Counter
 from pathlib import Path
@@ -21,6 +22,7 @@ from paligemma_cli.data.shapes import (
     write_dataset,
 )
 from paligemma_cli.processing.locations import Box, format_detections, parse_detections
+from paligemma_cli.processing.segmentation import mask_box, parse_segmentation
 
 EXAMPLE_IMAGE = Path(__file__).parents[2] / "examples" / "shapes.png"
 EXAMPLE_SEED, EXAMPLE_INDEX = 9, 0  # the scene behind examples/shapes.png
@@ -250,3 +252,64 @@ def test_caption_negatives_are_the_same_shapes_in_every_other_order():
         assert line["task"] == "caption" and line.get("negatives", []) == negatives
         seen[n] += 1
     assert set(seen) == {1, 2, 3}
+
+
+# ---------------------------------------------------------------------------------------------
+# Segmentation: masks and <seg> targets, only when asked for
+
+
+def test_shape_masks_are_the_shapes_pixels():
+    for index in range(30):
+        scene = make_scene(seed=4, index=index)
+        pixels = np.asarray(render(scene))
+        for s in scene.shapes:
+            mask = shapes.shape_mask(scene, s)
+            np.testing.assert_array_equal(mask, (pixels == COLORS[s.color]).all(-1))
+            assert mask_box(mask) == tuple(v / scene.size for v in (s.box[1], s.box[0], s.box[3], s.box[2]))
+
+
+def fake_encoder(calls):
+    def encode(mask, box):
+        calls.append((mask, box))
+        return list(range(int(mask.sum()) % 100, int(mask.sum()) % 100 + 16))
+    return encode
+
+
+def test_segment_examples_carry_the_box_the_codes_and_the_mask(tmp_path):
+    calls = []
+    path = write_dataset(tmp_path, 12, seed=5, tasks=["segment"], encode_mask=fake_encoder(calls))
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(calls) == 12 and {line["task"] for line in lines} == {"segment"}
+    for i, line in enumerate(lines):
+        scene, _ = make_example(5, i, cycle=("segment",), encode_mask=fake_encoder([]))
+        kind = line["prefix"].removeprefix("segment ")
+        shape = scene.find(kind)
+        mask = np.asarray(Image.open(tmp_path / line["mask"])) > 0
+        np.testing.assert_array_equal(mask, shapes.shape_mask(scene, shape))
+        [obj] = parse_segmentation(line["suffix"], scene.size, scene.size)
+        assert obj.label == kind and list(obj.codes) == fake_encoder([])(mask, None)
+        # big_vision's placement (int(bin / 1023 * size)) gives back the shape's exact box.
+        assert obj.pixel_box(scene.size, scene.size) == shape.box
+        np.testing.assert_array_equal(calls[i][0], mask)
+        x0, y0, x1, y1 = shape.box
+        assert calls[i][1] == (y0 / 64, x0 / 64, y1 / 64, x1 / 64)  # the crop is the box itself
+        assert Image.open(tmp_path / line["image"]).size == (64, 64)
+
+
+def test_mask_examples_are_mask_images_and_the_default_mix_has_neither(tmp_path):
+    path = write_dataset(tmp_path / "m", 6, seed=5, tasks=["mask"])
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert all(line["image"].startswith("masks/") and line["task"] == "mask" for line in lines)
+    assert not (tmp_path / "m" / "images").exists()
+    assert set(np.unique(np.asarray(Image.open(tmp_path / "m" / lines[0]["image"])))) == {0, 255}
+    assert "segment" not in shapes.task_cycle(None) and "mask" not in shapes.task_cycle(None)
+    mixed = shapes.task_cycle(["detect", "segment"])
+    assert Counter(mixed) == {"detect": 3, "segment": 3}
+    every = shapes.task_cycle(["all"])
+    assert every[::2] == shapes.TASK_CYCLE and set(every[1::2]) == {"segment"}
+    with pytest.raises(ValueError, match="give it alone"):
+        shapes.task_cycle(["all", "detect"])
+    with pytest.raises(ValueError, match="mask encoder"):
+        write_dataset(tmp_path / "s", 3, seed=5, tasks=["segment"])
+    with pytest.raises(ValueError, match="unknown task"):
+        shapes.task_cycle(["segmentation"])

@@ -75,3 +75,31 @@ def test_greedy_tokens_equal_transformers_generate(models):
     assert got.shape[1] == expected.shape[1]
     assert torch.equal(got, expected), f"\n{got}\n{expected}"
     assert len(set(got[0].tolist())) > 2  # a degenerate model repeating one token would prove little
+
+
+@pytest.mark.parametrize("images_per_row", [(2, 2), (3, 3), (3, 1)])
+def test_several_images_per_prompt_match_transformers(models, images_per_row):
+    """NLVR2-style prompts: each row's images' tokens in order, then <bos>, the prefix and the suffix."""
+    ours, hf = models
+    n_img = 16  # IMAGE_SIZE // PATCH squared, as in make_inputs
+    g = torch.Generator().manual_seed(7)
+    rows = []
+    for k in images_per_row:
+        prefix = torch.randint(4, 300, (5,), generator=g).tolist()
+        suffix = torch.randint(4, 300, (3,), generator=g).tolist()
+        rows.append(([300] * n_img * k + [2] + prefix + suffix, [0] * (n_img * k + 1 + 5) + [1] * 3))
+    T = max(len(ids) for ids, _ in rows)
+    batch = {k: torch.zeros(len(rows), T, dtype=torch.long) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    for i, (ids, types) in enumerate(rows):
+        batch["input_ids"][i, T - len(ids):] = torch.tensor(ids)
+        batch["attention_mask"][i, T - len(ids):] = 1
+        batch["token_type_ids"][i, T - len(ids):] = torch.tensor(types)
+    batch["pixel_values"] = torch.rand(sum(images_per_row), 3, 28, 28, generator=g) * 2 - 1
+    with torch.no_grad():
+        expected = hf(**batch, position_ids=hf_position_ids(batch["attention_mask"])).logits
+        got = ours(**batch)
+        swapped = ours(**dict(batch, pixel_values=batch["pixel_values"].flip(0)))
+    real = batch["attention_mask"].bool()
+    err = (got[real] - expected[real]).abs().max().item()
+    assert err < TOL, f"max abs logit error {err}"
+    assert (swapped[real] - got[real]).abs().max() > 1e-3  # the order of the images matters

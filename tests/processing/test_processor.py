@@ -121,3 +121,31 @@ def test_count_mismatch(proc):
         proc(["ocr", "ocr"], images(1))
     with pytest.raises(PaliGemmaError, match="2 prompts but 1 suffixes"):
         proc(["ocr", "ocr"], suffixes=["x"])
+
+
+@pytest.mark.parametrize("counts", [(2, 2), (3, 3), (2, 3, 1)])
+def test_several_images_per_prompt_match_transformers(folder, proc, counts):
+    prompts = PROMPTS[: len(counts)]
+    per_prompt, start, pool = [], 0, images(sum(counts))
+    for k in counts:
+        per_prompt.append(pool[start:start + k])
+        start += k
+    ours = proc(prompts, per_prompt, suffixes=SUFFIXES[: len(counts)], padding_side="left")
+    theirs = hf_processor(folder, "left")(images=per_prompt, text=prompts, suffix=SUFFIXES[: len(counts)],
+                                          return_tensors="pt", padding="longest")
+    assert_same(ours, theirs, ["input_ids", "attention_mask", "token_type_ids", "labels", "pixel_values"])
+    assert ours["pixel_values"].shape == (sum(counts), 3, SIZE, SIZE)
+    image_id = proc.tokenizer.image_token_id
+    assert [(row == image_id).sum().item() for row in ours["input_ids"]] == [N_IMG * k for k in counts]
+
+
+def test_multi_image_layout_and_errors(proc):
+    tok = proc.tokenizer
+    pair = images(2)
+    ids = proc("answer en is it the same?", [pair])["input_ids"][0].tolist()
+    assert ids[: 2 * N_IMG + 1] == [tok.image_token_id] * (2 * N_IMG) + [tok.bos_id]
+    assert proc("ocr", [tuple(pair)])["pixel_values"].shape[0] == 2
+    with pytest.raises(PaliGemmaError, match="empty list of images"):
+        proc("ocr", [[]])
+    with pytest.raises(PaliGemmaError, match="2 prompts but 1 images"):
+        proc(["ocr", "ocr"], [pair])
