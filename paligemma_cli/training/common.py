@@ -1,4 +1,4 @@
-"""What both trainers share: settings, the learning-rate schedule, data order, the run folder and the loop.
+"""What the trainers share: settings, the learning-rate schedule, data order, the run folder and the loop.
 
 A run is reproducible piece by piece: data order is a pure function of (seed, step) (`BatchOrder`) and
 the learning rate of the step (`lr_at`), so a resumed run draws the same batches and ends exactly where
@@ -257,7 +257,7 @@ class TrainState:
 
 
 class TrainerBase:
-    """The loop, logging and resume state both trainers share. A subclass's `setup()` sets `model`,
+    """The loop, logging and resume state the trainers share. A subclass's `setup()` sets `model`,
     `optimizer`, `examples_per_step` and `missing_images`; it provides `train_step()`, `save()` and
     `load_weights(weights, folder)`. `run()` trains to `cfg.steps`, saving as it goes and on Ctrl-C.
 
