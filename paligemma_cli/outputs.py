@@ -54,6 +54,30 @@ def check_output_file(out: str | Path, inputs: Iterable[str | Path] = (), option
     return path
 
 
+def check_output_dir_apart(folder: str | Path, inputs: Iterable[str | Path], option: str) -> Path:
+    """`folder`, a place new files go into, if it holds none of `inputs` (so no file written there can
+    be one of them); otherwise a one-line error."""
+    path = Path(folder).expanduser()
+    target = resolved(path)
+    for source in inputs:
+        if str(source) != "-" and is_within(resolved(source), target):
+            raise PaliGemmaError(f"{option} '{folder}' holds the input '{source}'; choose another folder")
+    if path.exists() and not path.is_dir():
+        raise PaliGemmaError(f"{option} '{folder}' is a file; give a folder")
+    return path
+
+
+def complete_lines(path: Path) -> str:
+    """The text of `path`'s complete lines, after cutting off a last line an interrupted run left
+    without its newline (so records appended next start clean)."""
+    data = path.read_bytes()
+    keep = data.rfind(b"\n") + 1
+    if keep < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+    return data[:keep].decode("utf-8", errors="surrogateescape")
+
+
 def open_output(path: str | Path, mode: str = "w", **kwargs):
     """`open(path, mode)` whose failure is a one-line error."""
     try:

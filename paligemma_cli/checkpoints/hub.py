@@ -117,12 +117,7 @@ def download(
     endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
     if not timeout > 0:
         raise PaliGemmaError(f"--timeout must be a positive number of seconds, got {timeout}")
-    if local_dir is not None:
-        target = Path(local_dir).expanduser()
-        downloaded_before = (target / ".cache" / "huggingface").is_dir()  # huggingface_hub's own record
-        if target.is_dir() and any(target.iterdir()) and not downloaded_before:
-            raise PaliGemmaError(f"--local-dir '{local_dir}' holds files that were not downloaded here; "
-                                 "choose an empty or new folder")
+    _check_local_dir(local_dir)
     try:
         with _requests_time_out(timeout):
             folder = snapshot_download(
@@ -188,6 +183,7 @@ def download_vae(repo: str = VAE_REPO, filename: str = VAE_FILE, revision: str |
         The local path of the file; `cached_vae` finds it again offline.
     """
     kind, repo_id = split_repo(repo)
+    _check_local_dir(local_dir)
     token = token or os.environ.get("HF_TOKEN") or None
     endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
     if not timeout > 0:
@@ -220,6 +216,17 @@ def download_vae(repo: str = VAE_REPO, filename: str = VAE_FILE, revision: str |
     except OSError as e:
         raise PaliGemmaError(f"downloading '{repo}/{filename}' failed: {_one_line(e)}") from None
     return Path(path)
+
+
+def _check_local_dir(local_dir: str | Path | None) -> None:
+    """A --local-dir must be new, empty, or one that downloads filled: never a folder of a person's files."""
+    if local_dir is None:
+        return
+    target = Path(local_dir).expanduser()
+    downloaded_before = (target / ".cache" / "huggingface").is_dir()  # huggingface_hub's own record
+    if target.is_dir() and any(target.iterdir()) and not downloaded_before:
+        raise PaliGemmaError(f"--local-dir '{local_dir}' holds files that were not downloaded here; "
+                             "choose an empty or new folder")
 
 
 def _answers_within(url: str, token: str | None, timeout: float, endpoint: str) -> None:

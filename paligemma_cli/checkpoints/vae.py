@@ -23,6 +23,7 @@ import torch
 
 from paligemma_cli.errors import PaliGemmaError
 from paligemma_cli.model.vqvae import NUM_CODES, VQVAE
+from paligemma_cli.outputs import check_output_file
 
 VAE_FILENAME = "vae-oid.npz"  # the published name; also what is looked for beside a model
 CODEBOOK = "_vq_vae._embedding"
@@ -111,6 +112,8 @@ def is_vae_file(path: str | Path) -> bool:
 def recast_vae(src: str | Path, dst: str | Path, dtype: str | None, force: bool = False) -> Path:
     """Rewrite the VQ-VAE file `src` as `dst` in `dtype` ("fp32", "fp16"; None keeps float32)."""
     dst = Path(dst).expanduser()
+    if dst.exists() and not dst.is_dir():
+        check_output_file(dst, [src], "the output")  # --force replaces a file, never the input itself
     if dst.exists() and not force:
         raise PaliGemmaError(f"'{dst}' already exists; choose another path or pass --force to replace it")
     if dst.is_dir():

@@ -56,10 +56,12 @@ def segment(
     )
     from paligemma_cli.errors import PaliGemmaError
     from paligemma_cli.inference.segmentation import MaskCodec, segment_images, segment_prompt, split_labels
+    from paligemma_cli.outputs import check_output_dir_apart, check_output_file, open_output, resolved, why
     from paligemma_cli.processing.image import load_image
+    from paligemma_cli.processing.text import check_text
     from paligemma_cli.settings import resolve_model, resolve_vae
 
-    labels = split_labels(objects)
+    labels = split_labels(check_text(objects, "OBJECTS"))
     prompt = segment_prompt(labels)  # an empty list fails here, before anything loads
     console = stderr_console()
     paths = find_images(images, recursive)
@@ -71,11 +73,18 @@ def segment(
         raise PaliGemmaError("--out draws one image; for several, use --masks-dir or the masks in the JSON records")
     if resume and jsonl is None:
         raise PaliGemmaError("--resume needs --jsonl: the file to continue")
+    # No output may land on an input: not the overlay, not the records, not a mask file.
+    if out is not None:
+        out = check_output_file(out, paths)
+    if jsonl is not None:
+        jsonl = check_output_file(jsonl, paths, "--jsonl")
+    if masks_dir is not None:
+        masks_dir = check_output_dir_apart(masks_dir, paths, "--masks-dir")
     first = load_image(paths[0]) if single else None  # a bad image fails before the model loads
     folder = resolve_model(model)
     codec = MaskCodec.load(resolve_vae(vae, folder))
     done = _done(jsonl) if resume and jsonl is not None and jsonl.exists() else set()
-    todo = [p for p in paths if p not in done]
+    todo = [p for p in paths if str(resolved(p)) not in done]  # however the path is spelled this time
     if done:
         console.print(f"resuming: {len(done)} image(s) already in {jsonl}, {len(todo)} to go", markup=False)
     opts = sampling_options(max_tokens)
@@ -102,10 +111,7 @@ def segment(
             console.print(f"wrote {path}", markup=False)
         return
 
-    if resume and jsonl is not None and jsonl.exists() and jsonl.stat().st_size and not jsonl.read_bytes().endswith(b"\n"):
-        with open(jsonl, "a", encoding="utf-8") as f:
-            f.write("\n")  # end a line torn by an interrupted run, so new records start clean
-    stream = open(jsonl, "a" if resume else "w", encoding="utf-8") if jsonl is not None else sys.stdout
+    stream = open_output(jsonl, "a" if resume else "w", encoding="utf-8") if jsonl is not None else sys.stdout
     t0, ok, failed = time.perf_counter(), 0, []
     try:
         for start in range(0, len(todo), batch_size):
@@ -121,12 +127,21 @@ def segment(
                 continue
             for name, image, (raw, segments) in zip(names, loaded, segment_images(pipe, codec, loaded, labels, opts)):
                 record = {**_record(name, image, raw, segments, _write_masks(masks_dir, name, segments)), **meta}
-                stream.write(json.dumps(record, ensure_ascii=False) + "\n")
-                stream.flush()
+                try:
+                    stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    stream.flush()
+                except OSError as e:
+                    if jsonl is None:
+                        raise  # stdout: the CLI reports it
+                    raise PaliGemmaError(f"cannot write '{jsonl}': {why(e)}; the {ok} record(s) before it "
+                                         "are kept (--resume continues)") from None
                 ok += 1
     finally:
         if jsonl is not None:
-            stream.close()
+            try:
+                stream.close()
+            except OSError:
+                pass  # every record is flushed as it is written: only the write that failed has anything left
     console.print(f"segmented {ok} image(s) in {time.perf_counter() - t0:.1f}s"
                   + (f"; {len(failed)} unreadable" if failed else ""), markup=False)
     if ok == 0 and todo:
@@ -178,11 +193,14 @@ def _save(image, path: Path) -> None:
 
 
 def _done(path: Path) -> set[str]:
-    """Images already in a JSONL file of an earlier, perhaps interrupted, run (a torn last line is ignored)."""
+    """The resolved paths of the images in a JSONL file of an earlier, perhaps interrupted, run; a last
+    record cut short is removed from the file."""
+    from paligemma_cli.outputs import complete_lines, resolved
+
     done = set()
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in complete_lines(path).splitlines():
         try:
-            done.add(json.loads(line)["image"])
+            done.add(str(resolved(json.loads(line)["image"])))
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
     return done

@@ -466,6 +466,17 @@ def test_download_vae_from_the_published_space(vae_hub, tmp_path):
     assert model_source.resolve_vae(None, model_folder).read_bytes() == VAE_BYTES
 
 
+def test_download_vae_local_dir_must_not_hold_other_files(vae_hub, tmp_path):
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "vae-oid.npz").write_bytes(b"my own")
+    result = run("--vae", "--local-dir", str(target))
+    assert result.exit_code == 1 and "not downloaded here" in result.stderr
+    assert (target / "vae-oid.npz").read_bytes() == b"my own"
+    fresh = run("--vae", "--local-dir", str(tmp_path / "new"))
+    assert fresh.exit_code == 0 and Path(fresh.stdout.strip()).read_bytes() == VAE_BYTES
+
+
 def test_download_model_and_vae_together(vae_hub):
     result = run("google/paligemma-tiny", "--vae")
     assert result.exit_code == 0, result.stderr

@@ -170,3 +170,31 @@ def test_nothing_found_says_what_the_model_said(ckpt, vae, wide, monkeypatch):
     monkeypatch.setattr(Pipeline, "generate", lambda self, images, prompts, opts: ["no idea"])
     result = run("segment", wide, "cat", "--model", ckpt, "--vae", vae)
     assert result.exit_code == 0 and result.stdout == "" and "no idea" in result.stderr
+
+
+def test_no_output_lands_on_an_input(ckpt, vae, wide, tmp_path, scripted):
+    before = wide.read_bytes()
+    one_line_error(run("segment", wide, "cat", "--model", ckpt, "--vae", vae, "--out", wide), "is one of the inputs")
+    one_line_error(run("segment", wide, "cat", "--model", ckpt, "--vae", vae, "--jsonl", wide), "is one of the inputs")
+    one_line_error(run("segment", wide, "cat", "--model", ckpt, "--vae", vae, "--masks-dir", tmp_path),
+                   "holds the input")
+    assert wide.read_bytes() == before
+    one_line_error(run("segment", wide, "\udcff cat", "--model", ckpt, "--vae", vae), "not valid UTF-8")
+
+
+def test_resume_cuts_a_torn_record_and_knows_a_path_however_spelled(ckpt, vae, tmp_path, scripted, monkeypatch):
+    folder = tmp_path / "pics"
+    write_images(folder, 3)
+    records = tmp_path / "seg.jsonl"
+    first = run("segment", folder / "img0.png", folder / "img1.png", "cat", "--model", ckpt, "--vae", vae,
+                "--jsonl", records)
+    assert first.exit_code == 0, first.output
+    whole = records.read_text().splitlines()
+    records.write_text(whole[0] + "\n" + whole[1][:40])  # killed while writing the second record
+    monkeypatch.chdir(folder)
+    again = run("segment", "img0.png", "./img1.png", "img2.png", "cat", "--model", ckpt, "--vae", vae,
+                "--jsonl", records, "--resume")
+    assert again.exit_code == 0, again.output
+    lines = [json.loads(line) for line in records.read_text().splitlines()]  # every line parses
+    assert [Path(r["image"]).name for r in lines] == ["img0.png", "img1.png", "img2.png"]
+    assert "1 image(s) already" in again.stderr

@@ -164,3 +164,16 @@ def test_convert_recasts_a_vae_file(tmp_path):
     torch.testing.assert_close(half.decode_codes(idx), full.decode_codes(idx), rtol=0, atol=0.05)
     again = CliRunner().invoke(app, ["convert", str(src), str(tmp_path / "half.npz"), "--dtype", "bf16", "--force"])
     assert again.exit_code == 1 and "fp32 or fp16" in again.stderr
+
+
+def test_convert_never_replaces_its_input(tmp_path):
+    from typer.testing import CliRunner
+
+    from paligemma_cli.cli import app
+
+    path = tmp_path / "vae-oid.npz"
+    np.savez(path, **random_vae_params(0, 8))
+    before = path.read_bytes()
+    result = CliRunner().invoke(app, ["convert", str(path), str(path), "--dtype", "fp16", "--force"])
+    assert result.exit_code == 1 and "is one of the inputs" in result.stderr
+    assert path.read_bytes() == before
