@@ -61,7 +61,6 @@ def caption(
     from paligemma_cli.distributed import torchrun_world
     from paligemma_cli.errors import PaliGemmaError
     from paligemma_cli.outputs import check_output_file, open_output, why
-    from paligemma_cli.processing.image import load_image
     from paligemma_cli.processing.text import check_text
 
     world = torchrun_world(device)
@@ -103,46 +102,18 @@ def caption(
     stream = (open_output(out, "a" if continuing else "w", newline="", encoding="utf-8", errors="surrogateescape")
               if out else sys.stdout)
     write = record_writer(stream, fmt, header=not continuing)
-    failed, ok = [], 0
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
+    where = f"'{out}'" if out else "to stdout"
     t0 = time.perf_counter()
-    progress = Progress(TextColumn("caption"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=console)
     try:
-        with progress:
-            task = progress.add_task("caption", total=len(todo), rate="")
-            for start in range(0, len(todo), batch_size):
-                chunk = todo[start:start + batch_size]
-                loaded, names = [], []
-                for name in chunk:
-                    try:
-                        loaded.append(load_image(name))
-                        names.append(name)
-                    except PaliGemmaError as e:
-                        failed.append(name)
-                        progress.console.print(f"skipped: {e}", markup=False)
-                if loaded:
-                    texts = pipe.generate(loaded, [prompt] * len(loaded), opts)
-                    for name, text in zip(names, texts):
-                        try:
-                            write(name, text)
-                        except OSError as e:  # a full disk: the records written so far stay
-                            where = f"'{out}'" if out else "to stdout"
-                            raise PaliGemmaError(f"cannot write {where}: {why(e)}; {ok} caption(s) were written"
-                                                 ) from None
-                        ok += 1
-                progress.update(task, advance=len(chunk), rate=f"{ok / (time.perf_counter() - t0):.2f} img/s")
+        ok, failed = caption_all(pipe, todo, prompt, opts, batch_size, write, console, "caption", lambda e, ok: (
+            PaliGemmaError(f"cannot write {where}: {why(e)}; {ok} caption(s) were written")))
     finally:
         if out:
             try:
                 stream.close()
             except OSError:
                 pass  # every record is flushed as it is written: only the write that failed has anything left
-    elapsed = time.perf_counter() - t0
-    console.print(f"captioned {ok} image(s) in {elapsed:.1f}s ({ok / elapsed if elapsed else 0:.2f} img/s)"
-                  + (f"; {len(failed)} unreadable: {', '.join(failed[:5])}{' …' if len(failed) > 5 else ''}" if failed else ""),
-                  markup=False)
+    console.print(summary(ok, failed, time.perf_counter() - t0), markup=False)
     if ok == 0 and todo:
         raise typer.Exit(1)
 
@@ -161,7 +132,6 @@ def caption_on_ranks(world, device, paths, out, fmt, recursive, resume, batch_si
     from paligemma_cli.commands.common import FAST_LAYOUT_MIN_JOBS, find_images, load_pipeline, sampling_options
     from paligemma_cli.errors import PaliGemmaError
     from paligemma_cli.outputs import check_output_file, open_output, why
-    from paligemma_cli.processing.image import load_image
     from paligemma_cli.processing.text import check_text
 
     console = Console(stderr=True, highlight=False, quiet=not world.is_main)
@@ -204,35 +174,12 @@ def caption_on_ranks(world, device, paths, out, fmt, recursive, resume, batch_si
     part = part_path(target, world.rank)
     stream = open_output(part, "a", newline="", encoding="utf-8", errors="surrogateescape")
     write = record_writer(stream, Format.jsonl)
-    failed, ok = [], 0
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     t0 = time.perf_counter()
     label = f"caption (rank 0 of {world.size})" if world.distributed else "caption"
-    progress = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                        TimeRemainingColumn(), console=console)
     try:
-        with progress:
-            task = progress.add_task("caption", total=len(mine), rate="")
-            for start in range(0, len(mine), batch_size):
-                chunk = mine[start:start + batch_size]
-                loaded, names = [], []
-                for name in chunk:
-                    try:
-                        loaded.append(load_image(name))
-                        names.append(name)
-                    except PaliGemmaError as e:
-                        failed.append(name)
-                        progress.console.print(f"skipped: {e}", markup=False)
-                if loaded:
-                    for name, text in zip(names, pipe.generate(loaded, [prompt] * len(loaded), opts)):
-                        try:
-                            write(name, text)
-                        except OSError as e:
-                            raise PaliGemmaError(f"cannot write '{part}': {why(e)}; the {ok} caption(s) written "
-                                                 "there so far are kept for --resume") from None
-                        ok += 1
-                progress.update(task, advance=len(chunk), rate=f"{ok / (time.perf_counter() - t0):.2f} img/s")
+        ok, failed = caption_all(pipe, mine, prompt, opts, batch_size, write, console, label, lambda e, ok: (
+            PaliGemmaError(f"cannot write '{part}': {why(e)}; the {ok} caption(s) written there so far are kept "
+                           "for --resume")))
     finally:
         try:
             stream.close()
@@ -240,15 +187,54 @@ def caption_on_ranks(world, device, paths, out, fmt, recursive, resume, batch_si
             pass
     counts = world.gather((ok, failed))
     world.agree(lambda: merge_parts(target, fmt, images), main_only=True)
-    elapsed = time.perf_counter() - t0
     ok = sum(n for n, _ in counts)
     failed = [name for _, names in counts for name in names]
-    console.print(f"captioned {ok} image(s) in {elapsed:.1f}s ({ok / elapsed if elapsed else 0:.2f} img/s)"
-                  + (f" on {world.size} processes" if world.distributed else "")
-                  + (f"; {len(failed)} unreadable: {', '.join(failed[:5])}{' …' if len(failed) > 5 else ''}" if failed else ""),
-                  markup=False)
+    console.print(summary(ok, failed, time.perf_counter() - t0, world.size if world.distributed else 1), markup=False)
     if ok == 0 and todo:
         raise typer.Exit(1)
+
+
+def caption_all(pipe, names: list[str], prompt: str, opts, batch_size: int, write, console, label: str,
+                write_error) -> tuple[int, list[str]]:
+    """Caption `names` in batches under a progress bar, `write(name, caption)` each as it is made.
+    Unreadable images are reported and skipped; a write that fails raises `write_error(error, written)`.
+    Returns (captions written, unreadable names)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from paligemma_cli.errors import PaliGemmaError
+    from paligemma_cli.processing.image import load_image
+
+    failed, ok, t0 = [], 0, time.perf_counter()
+    progress = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                        TimeRemainingColumn(), console=console)
+    with progress:
+        task = progress.add_task("caption", total=len(names), rate="")
+        for start in range(0, len(names), batch_size):
+            chunk = names[start:start + batch_size]
+            loaded, readable = [], []
+            for name in chunk:
+                try:
+                    loaded.append(load_image(name))
+                    readable.append(name)
+                except PaliGemmaError as e:
+                    failed.append(name)
+                    progress.console.print(f"skipped: {e}", markup=False)
+            if loaded:
+                for name, text in zip(readable, pipe.generate(loaded, [prompt] * len(loaded), opts)):
+                    try:
+                        write(name, text)
+                    except OSError as e:  # a full disk: the records written so far stay
+                        raise write_error(e, ok) from None
+                    ok += 1
+            progress.update(task, advance=len(chunk), rate=f"{ok / (time.perf_counter() - t0):.2f} img/s")
+    return ok, failed
+
+
+def summary(ok: int, failed: list[str], seconds: float, processes: int = 1) -> str:
+    """The closing line on stderr: how many, how fast, on how many processes, which were unreadable."""
+    return (f"captioned {ok} image(s) in {seconds:.1f}s ({ok / seconds if seconds else 0:.2f} img/s)"
+            + (f" on {processes} processes" if processes > 1 else "")
+            + (f"; {len(failed)} unreadable: {', '.join(failed[:5])}{' …' if len(failed) > 5 else ''}" if failed else ""))
 
 
 def part_path(out: Path, rank: int) -> Path:

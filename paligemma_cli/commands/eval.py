@@ -58,7 +58,7 @@ def eval_command(
     from paligemma_cli.data.jsonl import read_jsonl
     from paligemma_cli.distributed import torchrun_world
     from paligemma_cli.errors import PaliGemmaError
-    from paligemma_cli.evaluation.evaluate import evaluate, select_examples
+    from paligemma_cli.evaluation.evaluate import select_examples
     from paligemma_cli.outputs import check_output_file, open_output
 
     world = torchrun_world(device)
@@ -90,29 +90,37 @@ def eval_command(
                          fast_layout=len(examples) >= FAST_LAYOUT_MIN_JOBS)
 
     out = open_output(predictions, "w", encoding="utf-8") if predictions else None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    progress = Progress(TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console)
     try:
-        with progress:
-            bar = progress.add_task("eval", total=len(examples))
-
-            def on_progress(batch):
-                for item in batch:
-                    if item.error is not None:
-                        progress.console.print(f"skipped: {item.error}", markup=False)
-                    if out is not None:
-                        out.write(json.dumps(item.as_record(), ensure_ascii=False) + "\n")
-                if out is not None:
-                    out.flush()  # an interrupted run keeps what it has scored
-                progress.advance(bar, len(batch))
-
-            report = evaluate(pipe, examples, opts, batch_size, on_progress, codec)
+        report = evaluate_with_progress(pipe, examples, opts, batch_size, codec, console, "eval", out)
     finally:
         if out is not None:
             out.close()
 
     show_report(report, console, pipe.folder, data, predictions, json_out)
+
+
+def evaluate_with_progress(pipe, examples, opts, batch_size: int, codec, console, label: str, out=None):
+    """`evaluate` under a progress bar; skipped examples reported as they come, and each example's record
+    written to `out` (the --predictions file) as soon as its batch is scored."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from paligemma_cli.evaluation.evaluate import evaluate
+
+    progress = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console)
+    with progress:
+        bar = progress.add_task("eval", total=len(examples))
+
+        def on_progress(batch):
+            for item in batch:
+                if item.error is not None:
+                    progress.console.print(f"skipped: {item.error}", markup=False)
+                if out is not None:
+                    out.write(json.dumps(item.as_record(), ensure_ascii=False) + "\n")
+            if out is not None:
+                out.flush()  # an interrupted run keeps what it has scored
+            progress.advance(bar, len(batch))
+
+        return evaluate(pipe, examples, opts, batch_size, on_progress, codec)
 
 
 def segment_codec(examples, vae: str | None, model: str | None):
@@ -163,7 +171,7 @@ def eval_on_ranks(world, data: Path, model, batch_size: int, limit, tasks, predi
     from paligemma_cli.commands.common import FAST_LAYOUT_MIN_JOBS, load_pipeline, sampling_options
     from paligemma_cli.data.jsonl import read_jsonl
     from paligemma_cli.errors import PaliGemmaError
-    from paligemma_cli.evaluation.evaluate import evaluate, report_of, select_examples
+    from paligemma_cli.evaluation.evaluate import report_of, select_examples
     from paligemma_cli.outputs import atomic_write_text, check_output_file
 
     console = Console(stderr=True, highlight=False, quiet=not world.is_main)
@@ -185,21 +193,9 @@ def eval_on_ranks(world, data: Path, model, batch_size: int, limit, tasks, predi
     opts = sampling_options(max_tokens)  # greedy: scores should not depend on a seed
     pipe = world.agree(lambda: load_pipeline(model, str(world.device), dtype, console, quantize=quantize,
                                              compile=compile, fast_layout=len(mine) >= FAST_LAYOUT_MIN_JOBS))
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     t0 = time.perf_counter()
-    progress = Progress(TextColumn(f"eval (rank 0 of {world.size})"), BarColumn(), MofNCompleteColumn(),
-                        TimeRemainingColumn(), console=console)
-    with progress:
-        bar = progress.add_task("eval", total=len(mine))
-
-        def on_progress(batch):
-            for item in batch:
-                if item.error is not None:
-                    progress.console.print(f"skipped: {item.error}", markup=False)
-            progress.advance(bar, len(batch))
-
-        answered = evaluate(pipe, mine, opts, batch_size, on_progress, codec).examples
+    answered = evaluate_with_progress(pipe, mine, opts, batch_size, codec, console,
+                                      f"eval (rank 0 of {world.size})").examples
     shares = world.gather(answered)  # contiguous shares in rank order: the input order
     if not world.is_main:
         return
