@@ -1,3 +1,4 @@
+
 """Bad input and failing writes, as a user meets them: one `error:` line and a non-zero exit, nothing
 of theirs overwritten, and a job that keeps going past one bad file."""
 
@@ -7,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from typer.testing import CliRunner
 from paligemma_cli.cli import app
 from tests.fixtures.bad_inputs import png_bomb
 from tests.fixtures.checkpoints import make_tiny_checkpoint, write_images
+from tests.fixtures.cli import one_line_error
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,11 +32,7 @@ def run(*args, **kw):
     return runner.invoke(app, [str(a) for a in args], **kw)
 
 
-def one_line_error(result, needle):
-    assert result.exit_code != 0, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
-    assert "Traceback" not in result.output
+one_line_error = partial(one_line_error, exit_code=None, stdout=None)
 
 
 def paligemma(*args, env=None, **kw) -> subprocess.CompletedProcess:

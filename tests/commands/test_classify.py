@@ -27,6 +27,7 @@ from paligemma_cli.processing.image import load_image, preprocess
 from paligemma_cli.processing.siglip_tokenizer import SiglipTokenizer
 from paligemma_cli.training.tokenizer_training import train_siglip_tokenizer
 from tests.fixtures.checkpoints import make_tiny_checkpoint
+from tests.fixtures.cli import one_line_error
 
 app = typer.Typer()
 app.command("classify")(friendly_errors(classify))
@@ -40,11 +41,6 @@ def run(*args):
     return runner.invoke(app, ["classify", *map(str, args)])
 
 
-def one_line_error(result, needle):
-    assert result.exit_code == 1, result.output
-    assert result.stdout == ""
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from paligemma_cli.cli import app
 from paligemma_cli.inference.generate import SamplingOptions
 from paligemma_cli.inference.pipeline import Pipeline
 from tests.fixtures.checkpoints import make_tiny_checkpoint, write_images
+from tests.fixtures.cli import one_line_error
 
 runner = CliRunner()
 
@@ -34,12 +36,7 @@ def run(*args, **kw):
     return runner.invoke(app, [str(a) for a in args], **kw)
 
 
-def one_line_error(result, needle):
-    assert result.exit_code != 0
-    assert result.stdout == ""
-    lines = [l for l in result.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ") and needle in lines[0], lines[0]
+one_line_error = partial(one_line_error, exit_code=None)
 
 
 def test_ask_streams_the_same_answer_as_batch_generation(ckpt, image):

@@ -14,6 +14,7 @@ from paligemma_cli.cli import app
 from paligemma_cli.inference.pipeline import Pipeline
 from paligemma_cli.processing.segmentation import rle_decode
 from tests.fixtures.checkpoints import make_tiny_checkpoint, write_images
+from tests.fixtures.cli import one_line_error
 from tests.fixtures.vae_oracle import decode_masks, paste_reference, random_vae_params
 
 runner = CliRunner()
@@ -129,11 +130,6 @@ def test_a_folder_gives_records_and_resumes(ckpt, vae, tmp_path, scripted):
     assert len(to_stdout.stdout.splitlines()) == 3
 
 
-def one_line_error(result, needle):
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
-    assert result.stdout == ""
 
 
 def test_bad_input(ckpt, vae, params, wide, tmp_path, monkeypatch, scripted):

@@ -1,3 +1,4 @@
+
 """`paligemma serve` as an operator runs it: one-line errors before anything loads, and a clean stop on SIGTERM."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from functools import partial
 
 import httpx
 import pytest
@@ -20,6 +22,7 @@ from typer.testing import CliRunner
 from paligemma_cli.cli import friendly_errors
 from paligemma_cli.commands.serve import serve
 from tests.fixtures.checkpoints import make_tiny_checkpoint
+from tests.fixtures.cli import one_line_error
 from tests.fixtures.server import data_url, user_message
 
 app = typer.Typer()
@@ -28,10 +31,7 @@ app.command("unused")(lambda: None)  # two commands, so `serve` stays a subcomma
 runner = CliRunner()
 
 
-def one_line_error(result, needle):
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
+one_line_error = partial(one_line_error, stdout=None)
 
 
 def test_a_missing_extra_is_named(monkeypatch):

@@ -14,6 +14,7 @@ from paligemma_cli.evaluation.captions import cider_d, corpus_bleu
 from paligemma_cli.evaluation.evaluate import score, score_example, select_examples, task_kind, task_name
 from paligemma_cli.inference.pipeline import Pipeline
 from tests.fixtures.checkpoints import make_tiny_checkpoint
+from tests.fixtures.cli import one_line_error
 
 runner = CliRunner()
 IMG = Path("unused.png")  # score() reads no image when sizes are given
@@ -179,11 +180,6 @@ def run(*args):
     return runner.invoke(eval_app(), ["eval", *map(str, args)])
 
 
-def one_line_error(result, needle):
-    assert result.exit_code == 1, result.output
-    assert result.stdout == ""
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import pytest
 import torch
 from PIL import Image
 
-from paligemma_cli.checkpoints.hf import save_model
 from paligemma_cli.errors import PaliGemmaError
 from paligemma_cli.inference.batching import (
     BatchEngine,
@@ -25,36 +24,16 @@ from paligemma_cli.inference.batching import (
 )
 from paligemma_cli.inference.generate import SamplingOptions, generate_tokens
 from paligemma_cli.inference.pipeline import Pipeline
-from paligemma_cli.model.config import PaliGemmaConfig, TextConfig, VisionConfig
-from paligemma_cli.model.paligemma import PaliGemma
-from paligemma_cli.processing.tokenizer import PaliGemmaTokenizer
 from tests.fixtures.checkpoints import make_tiny_checkpoint
-from tests.fixtures.tokenizer import make_tiny_tokenizer
 
 WORDS = "what is on the table how many dogs are there a red bus cat".split()
 
 
 def make_tiny_gemma2(folder):
     """Gemma 2 with a sliding window (8 slots) shorter than every prompt, soft-caps and GQA 4:2."""
-    folder.mkdir(parents=True, exist_ok=True)
-    make_tiny_tokenizer(folder)
-    tok = PaliGemmaTokenizer.from_folder(folder)
-    cfg = PaliGemmaConfig(
-        vision=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                            image_size=32, patch_size=8),
-        text=TextConfig(model_type="gemma2", vocab_size=-(-(tok.image_token_id + 1) // 64) * 64, hidden_size=32,
-                        intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                        head_dim=16, query_pre_attn_scalar=16, attn_logit_softcapping=5.0,
-                        final_logit_softcapping=3.0, sliding_window=8,
-                        layer_types=["sliding_attention", "full_attention"]),
-        image_token_id=tok.image_token_id)
-    torch.manual_seed(0)
-    model = PaliGemma(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    save_model(model, folder, tokenizer_dir=folder)
-    return folder
+    return make_tiny_checkpoint(folder, model_type="gemma2", num_attention_heads=4, num_key_value_heads=2,
+                                query_pre_attn_scalar=16, attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                                sliding_window=8, layer_types=["sliding_attention", "full_attention"])
 
 
 @pytest.fixture(scope="module", params=["gemma", "gemma2"])

@@ -26,6 +26,7 @@ from paligemma_cli.errors import PaliGemmaError
 from paligemma_cli.training.common import lr_at
 from paligemma_cli.training.paligemma import TrainConfig, Trainer, suffix_loss
 from paligemma_cli.training.resume_state import load_state
+from tests.fixtures.cli import one_line_error
 from tests.fixtures.tokenizer import make_tiny_tokenizer
 
 runner = CliRunner()
@@ -210,11 +211,6 @@ def run(*args, **kw):
     return runner.invoke(app, ["train", *map(str, args)], **kw)
 
 
-def one_line_error(result, needle):
-    assert result.exit_code == 1, result.output
-    assert result.stdout == ""
-    lines = [l for l in result.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
 
 
 def write_yaml(path: Path, data: Path, **extra) -> Path:
