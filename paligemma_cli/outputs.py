@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from paligemma_cli.errors import PaliGemmaError
@@ -67,11 +67,17 @@ def check_output_dir_apart(folder: str | Path, inputs: Iterable[str | Path], opt
     return path
 
 
-def complete_lines(path: Path) -> str:
-    """The text of `path`'s complete lines, after cutting off a last line an interrupted run left
-    without its newline (so records appended next start clean)."""
+def same_file_key(name: str | Path) -> str:
+    """What identifies an input file across runs: its resolved path, however it was spelled."""
+    return os.path.realpath(name)
+
+
+def cut_torn_record(path: Path, complete: Callable[[bytes], int] = lambda data: data.rfind(b"\n") + 1) -> str:
+    """The text of `path`'s whole records, after cutting off a last one that an interrupted run left
+    unfinished (so records appended next start clean). `complete(data)` is the length of the whole
+    records in `data`; by default, every record ends with a newline."""
     data = path.read_bytes()
-    keep = data.rfind(b"\n") + 1
+    keep = complete(data)
     if keep < len(data):
         with open(path, "r+b") as f:
             f.truncate(keep)

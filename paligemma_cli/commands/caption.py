@@ -6,7 +6,6 @@ import csv
 import glob
 import io
 import json
-import os
 import sys
 import time
 from enum import Enum
@@ -60,7 +59,7 @@ def caption(
     )
     from paligemma_cli.distributed import torchrun_world
     from paligemma_cli.errors import PaliGemmaError
-    from paligemma_cli.outputs import check_output_file, open_output, why
+    from paligemma_cli.outputs import check_output_file, open_output, same_file_key, why
     from paligemma_cli.processing.text import check_text
 
     world = torchrun_world(device)
@@ -131,7 +130,7 @@ def caption_on_ranks(world, device, paths, out, fmt, recursive, resume, batch_si
 
     from paligemma_cli.commands.common import FAST_LAYOUT_MIN_JOBS, find_images, load_pipeline, sampling_options
     from paligemma_cli.errors import PaliGemmaError
-    from paligemma_cli.outputs import check_output_file, open_output, why
+    from paligemma_cli.outputs import check_output_file, open_output, same_file_key, why
     from paligemma_cli.processing.text import check_text
 
     console = Console(stderr=True, highlight=False, quiet=not world.is_main)
@@ -274,7 +273,7 @@ def merge_parts(out: Path, fmt: "Format", images: list[str]) -> int:
     """Append the records of `out`'s part files to `out`, in the order of `images` (records of other images
     after them), leaving out images `out` already holds; then delete the parts. A merge cut short is
     finished by the next: what reached `out` is not added twice. Returns how many records were added."""
-    from paligemma_cli.outputs import open_output
+    from paligemma_cli.outputs import open_output, same_file_key
 
     parts = part_files(out)
     if not parts:
@@ -327,20 +326,12 @@ def record_writer(stream, fmt: "Format", header: bool = True):
     return write
 
 
-def same_file_key(name: str) -> str:
-    """What identifies an image across runs: its resolved path, however it was spelled."""
-    return os.path.realpath(name)
-
-
 def already_done(out: Path, fmt: "Format") -> list[str]:
     """Images recorded in an earlier, perhaps interrupted, run. A torn last record (a run killed while
     writing it) is cut off the file first, so the records that follow start clean."""
-    data = out.read_bytes()
-    keep = complete_prefix(data, fmt)
-    if keep < len(data):
-        with open(out, "r+b") as f:
-            f.truncate(keep)
-    text = data[:keep].decode("utf-8", errors="surrogateescape")
+    from paligemma_cli.outputs import cut_torn_record
+
+    text = cut_torn_record(out, lambda data: complete_prefix(data, fmt))
     if fmt == Format.csv:
         return [r[0] for r in list(csv.reader(io.StringIO(text)))[1:] if len(r) == 2]
     if fmt == Format.txt:

@@ -56,7 +56,7 @@ def segment(
     )
     from paligemma_cli.errors import PaliGemmaError
     from paligemma_cli.inference.segmentation import MaskCodec, segment_images, segment_prompt, split_labels
-    from paligemma_cli.outputs import check_output_dir_apart, check_output_file, open_output, resolved, why
+    from paligemma_cli.outputs import check_output_dir_apart, check_output_file, open_output, same_file_key, why
     from paligemma_cli.processing.image import load_image
     from paligemma_cli.processing.text import check_text
     from paligemma_cli.settings import resolve_model, resolve_vae
@@ -84,7 +84,7 @@ def segment(
     folder = resolve_model(model)
     codec = MaskCodec.load(resolve_vae(vae, folder))
     done = _done(jsonl) if resume and jsonl is not None and jsonl.exists() else set()
-    todo = [p for p in paths if str(resolved(p)) not in done]  # however the path is spelled this time
+    todo = [p for p in paths if same_file_key(p) not in done]  # however the path is spelled this time
     if done:
         console.print(f"resuming: {len(done)} image(s) already in {jsonl}, {len(todo)} to go", markup=False)
     opts = sampling_options(max_tokens)
@@ -195,12 +195,12 @@ def _save(image, path: Path) -> None:
 def _done(path: Path) -> set[str]:
     """The resolved paths of the images in a JSONL file of an earlier, perhaps interrupted, run; a last
     record cut short is removed from the file."""
-    from paligemma_cli.outputs import complete_lines, resolved
+    from paligemma_cli.outputs import cut_torn_record, same_file_key
 
     done = set()
-    for line in complete_lines(path).splitlines():
+    for line in cut_torn_record(path).splitlines():
         try:
-            done.add(str(resolved(json.loads(line)["image"])))
+            done.add(same_file_key(json.loads(line)["image"]))
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
     return done
