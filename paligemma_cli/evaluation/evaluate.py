@@ -204,11 +204,13 @@ def _mean(values: list[float]) -> float:
     return 100 * sum(values) / len(values)
 
 
-def _aggregate(kind: str, predictions: list[str], examples: list[Example], sizes: list, codec=None) -> dict[str, float]:
+def _aggregate(kind: str, predictions: list[str], examples: list[Example], sizes: list, codec=None,
+               scores: list[dict[str, float]] | None = None) -> dict[str, float]:
     refs = [e.references for e in examples]
     if kind == SEGMENT:
-        return aggregate_segment_scores([segment_scores(p, e, size or _image_size(e.image), _need_codec(codec))
-                                         for p, e, size in zip(predictions, examples, sizes)])
+        # The mean of per-example values: those `evaluate` already took are reused, not decoded again.
+        return aggregate_segment_scores(scores or [segment_scores(p, e, size or _image_size(e.image), _need_codec(codec))
+                                                   for p, e, size in zip(predictions, examples, sizes)])
     if kind == VQA:
         return {"exact_match": _mean([vqa_exact_match(p, r) for p, r in zip(predictions, refs)]),
                 "vqa_accuracy": _mean([_vqa_score(p, r) for p, r in zip(predictions, refs)])}
@@ -238,6 +240,7 @@ def score(
     examples: Sequence[Example],
     sizes: Sequence[tuple[int, int] | None] | None = None,
     codec=None,
+    scores: Sequence[dict[str, float]] | None = None,
 ) -> dict[str, TaskResult]:
     """Per-task aggregate scores of `predictions[i]` as the answer to `examples[i]`.
 
@@ -247,6 +250,8 @@ def score(
         sizes: (width, height) of each image, used to place detection boxes and masks in pixels; read
             from the image files (header only) where missing.
         codec: the `MaskCodec` (VQ-VAE) that decodes segmentation answers; needed only for them.
+        scores: each example's `score_example` values when they were taken already (as `evaluate`
+            takes them), so that a task scored as their mean does not score its examples twice.
 
     Returns:
         task name -> TaskResult, in order of first appearance. A task whose examples mix prompt
@@ -266,7 +271,7 @@ def score(
     for (name, kind), idx in groups.items():
         label = name if kinds_per_name[name] == 1 else f"{name}/{kind}"
         metrics = _aggregate(kind, [predictions[i] for i in idx], [examples[i] for i in idx], [sizes[i] for i in idx],
-                             codec)
+                             codec, [scores[i] for i in idx] if scores is not None else None)
         results[label] = TaskResult(label, kind, len(idx), metrics)
     return results
 
@@ -339,6 +344,6 @@ def report_of(items: list[ScoredExample], seconds: float = 0.0, codec=None) -> E
     """The report of examples answered already (in one process, or gathered from several): every task
     scored over all its examples together, as corpus metrics need."""
     scored = [item for item in items if item.error is None]
-    tasks = (score([s.prediction for s in scored], [s.example for s in scored], [s.size for s in scored], codec)
-             if scored else {})
+    tasks = (score([s.prediction for s in scored], [s.example for s in scored], [s.size for s in scored], codec,
+                   [s.score for s in scored]) if scored else {})
     return EvalReport(tasks, items, seconds=seconds)

@@ -59,7 +59,6 @@ class MaskCodec:
         self.vae = vae.eval()
         self.path = path
         self.has_encoder = has_encoder
-        self._decoded: dict[tuple[int, ...], np.ndarray] = {}
 
     @classmethod
     def load(cls, path: str | Path) -> "MaskCodec":
@@ -73,13 +72,8 @@ class MaskCodec:
         return self.vae.decode_codes(torch.tensor([list(c) for c in codes])).numpy()
 
     def decode_one(self, codes: Sequence[int]) -> np.ndarray:
-        """One code list -> float32 (64, 64), remembered: evaluation decodes the same answers repeatedly."""
-        key = tuple(int(c) for c in codes)
-        if key not in self._decoded:
-            if len(self._decoded) >= 4096:
-                self._decoded.clear()
-            self._decoded[key] = self.decode([key])[0]
-        return self._decoded[key]
+        """One code list -> float32 (64, 64)."""
+        return self.decode([codes])[0]
 
     def encode(self, masks64: np.ndarray) -> np.ndarray:
         """float (N, 64, 64) box crops in [0, 1] (see `processing.segmentation.crop_mask`) -> int (N, 16)."""
