@@ -94,7 +94,7 @@ def segment(
 
     if single:
         ((raw, segments),) = segment_images(pipe, codec, [first], labels, opts)
-        written = _write_masks(masks_dir, paths[0], segments)
+        written = _write_masks(masks_dir, mask_stems(paths)[paths[0]], segments)
         if out is not None:
             from paligemma_cli.processing.drawing import draw_masks
 
@@ -113,6 +113,7 @@ def segment(
 
     stream = open_output(jsonl, "a" if resume else "w", encoding="utf-8") if jsonl is not None else sys.stdout
     t0, ok, failed = time.perf_counter(), 0, []
+    stems = mask_stems(paths)
     try:
         for start in range(0, len(todo), batch_size):
             loaded, names = [], []
@@ -126,7 +127,8 @@ def segment(
             if not loaded:
                 continue
             for name, image, (raw, segments) in zip(names, loaded, segment_images(pipe, codec, loaded, labels, opts)):
-                record = {**_record(name, image, raw, segments, _write_masks(masks_dir, name, segments)), **meta}
+                written = _write_masks(masks_dir, stems[name], segments)
+                record = {**_record(name, image, raw, segments, written), **meta}
                 try:
                     stream.write(json.dumps(record, ensure_ascii=False) + "\n")
                     stream.flush()
@@ -161,8 +163,19 @@ def _record(name: str, image, raw: str, segments, written: list[Path]) -> dict:
     return {"image": name, "width": image.width, "height": image.height, "raw": raw, "objects": objects}
 
 
-def _write_masks(folder: Path | None, image_name: str, segments) -> list[Path]:
-    """Each mask as an 8-bit PNG (255 = object) named after the image, its index and label."""
+def mask_stems(names: list[str]) -> dict[str, str]:
+    """Each image's name for its mask files: the file's stem, numbered where two images of the run share
+    one (photos/a.png and shots/a.png would otherwise write over each other's masks)."""
+    stems, seen = {}, {}
+    for name in names:
+        stem = "stdin" if name == "-" else Path(name).stem
+        seen[stem] = seen.get(stem, 0) + 1
+        stems[name] = stem if seen[stem] == 1 else f"{stem}~{seen[stem]}"
+    return stems
+
+
+def _write_masks(folder: Path | None, stem: str, segments) -> list[Path]:
+    """Each mask as an 8-bit PNG (255 = object) named after the image (`stem`), its index and label."""
     if folder is None:
         return []
     from PIL import Image
@@ -173,7 +186,6 @@ def _write_masks(folder: Path | None, image_name: str, segments) -> list[Path]:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise PaliGemmaError(f"cannot create '{folder}': {e.strerror or e}") from None
-    stem = "stdin" if image_name == "-" else Path(image_name).stem
     paths = []
     for i, s in enumerate(segments):
         label = re.sub(r"[^\w-]+", "_", s.label).strip("_") or "object"

@@ -194,3 +194,18 @@ def test_resume_cuts_a_torn_record_and_knows_a_path_however_spelled(ckpt, vae, t
     lines = [json.loads(line) for line in records.read_text().splitlines()]  # every line parses
     assert [Path(r["image"]).name for r in lines] == ["img0.png", "img1.png", "img2.png"]
     assert "1 image(s) already" in again.stderr
+
+
+def test_images_of_the_same_name_keep_their_own_mask_files(ckpt, vae, tmp_path, scripted):
+    for i, sub in enumerate(["a", "b"]):
+        (tmp_path / "pics" / sub).mkdir(parents=True)
+        Image.new("RGB", (40 + 20 * i, 30), "white").save(tmp_path / "pics" / sub / "same.png")
+    result = run("segment", tmp_path / "pics", "cat", "--recursive", "--model", ckpt, "--vae", vae,
+                 "--masks-dir", tmp_path / "masks")
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    files = [Path(obj["mask_file"]) for r in records for obj in r["objects"]]
+    assert len(files) == len(set(files)) == 4  # two objects per image, none written over
+    for r in records:
+        for obj in r["objects"]:
+            assert Image.open(obj["mask_file"]).size == (r["width"], r["height"])
