@@ -198,34 +198,21 @@ def caption_all(pipe, names: list[str], prompt: str, opts, batch_size: int, writ
     """Caption `names` in batches under a progress bar, `write(name, caption)` each as it is made.
     Unreadable images are reported and skipped; a write that fails raises `write_error(error, written)`.
     Returns (captions written, unreadable names)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from paligemma_cli.commands.common import each_batch_of_images
 
-    from paligemma_cli.errors import PaliGemmaError
-    from paligemma_cli.processing.image import load_image
+    ok = 0
 
-    failed, ok, t0 = [], 0, time.perf_counter()
-    progress = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                        TimeRemainingColumn(), console=console)
-    with progress:
-        task = progress.add_task("caption", total=len(names), rate="")
-        for start in range(0, len(names), batch_size):
-            chunk = names[start:start + batch_size]
-            loaded, readable = [], []
-            for name in chunk:
-                try:
-                    loaded.append(load_image(name))
-                    readable.append(name)
-                except PaliGemmaError as e:
-                    failed.append(name)
-                    progress.console.print(f"skipped: {e}", markup=False)
-            if loaded:
-                for name, text in zip(readable, pipe.generate(loaded, [prompt] * len(loaded), opts)):
-                    try:
-                        write(name, text)
-                    except OSError as e:  # a full disk: the records written so far stay
-                        raise write_error(e, ok) from None
-                    ok += 1
-            progress.update(task, advance=len(chunk), rate=f"{ok / (time.perf_counter() - t0):.2f} img/s")
+    def caption_batch(readable: list[str], images: list) -> int:
+        nonlocal ok
+        for name, text in zip(readable, pipe.generate(images, [prompt] * len(images), opts)):
+            try:
+                write(name, text)
+            except OSError as e:  # a full disk: the records written so far stay
+                raise write_error(e, ok) from None
+            ok += 1
+        return len(readable)
+
+    failed = each_batch_of_images(names, batch_size, console, label, caption_batch)
     return ok, failed
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import glob
 import sys
+import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -106,3 +108,34 @@ def find_images(paths: list[str], recursive: bool) -> list[str]:
             seen.add(f)
             unique.append(f)
     return unique
+
+
+def each_batch_of_images(names: list[str], batch_size: int, console, label: str,
+                         handle: Callable[[list[str], list], int]) -> list[str]:
+    """Read `names` in batches of `batch_size` under a progress bar on `console` and call
+    `handle(readable names, their PIL images)` per batch, which returns how many it finished (for the
+    rate shown). An image that cannot be read is reported and skipped. Returns the unreadable names."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from paligemma_cli.errors import PaliGemmaError
+    from paligemma_cli.processing.image import load_image
+
+    failed, done, t0 = [], 0, time.perf_counter()
+    progress = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                        TimeRemainingColumn(), console=console)
+    with progress:
+        task = progress.add_task(label, total=len(names), rate="")
+        for start in range(0, len(names), batch_size):
+            chunk = names[start:start + batch_size]
+            loaded, readable = [], []
+            for name in chunk:
+                try:
+                    loaded.append(load_image(name))
+                    readable.append(name)
+                except PaliGemmaError as e:
+                    failed.append(name)
+                    progress.console.print(f"skipped: {e}", markup=False)
+            if loaded:
+                done += handle(readable, loaded)
+            progress.update(task, advance=len(chunk), rate=f"{done / (time.perf_counter() - t0):.2f} img/s")
+    return failed

@@ -49,6 +49,7 @@ def segment(
     """
     from paligemma_cli.commands.common import (
         FAST_LAYOUT_MIN_JOBS,
+        each_batch_of_images,
         find_images,
         load_pipeline,
         sampling_options,
@@ -112,32 +113,27 @@ def segment(
         return
 
     stream = open_output(jsonl, "a" if resume else "w", encoding="utf-8") if jsonl is not None else sys.stdout
-    t0, ok, failed = time.perf_counter(), 0, []
+    t0, ok = time.perf_counter(), 0
     stems = mask_stems(paths)
+
+    def segment_batch(names: list[str], loaded: list) -> int:
+        nonlocal ok
+        for name, image, (raw, segments) in zip(names, loaded, segment_images(pipe, codec, loaded, labels, opts)):
+            written = _write_masks(masks_dir, stems[name], segments)
+            record = {**_record(name, image, raw, segments, written), **meta}
+            try:
+                stream.write(json.dumps(record, ensure_ascii=False) + "\n")
+                stream.flush()
+            except OSError as e:
+                if jsonl is None:
+                    raise  # stdout: the CLI reports it
+                raise PaliGemmaError(f"cannot write '{jsonl}': {why(e)}; the {ok} record(s) before it "
+                                     "are kept (--resume continues)") from None
+            ok += 1
+        return len(names)
+
     try:
-        for start in range(0, len(todo), batch_size):
-            loaded, names = [], []
-            for name in todo[start:start + batch_size]:
-                try:
-                    loaded.append(load_image(name))
-                    names.append(name)
-                except PaliGemmaError as e:
-                    failed.append(name)
-                    console.print(f"skipped: {e}", markup=False)
-            if not loaded:
-                continue
-            for name, image, (raw, segments) in zip(names, loaded, segment_images(pipe, codec, loaded, labels, opts)):
-                written = _write_masks(masks_dir, stems[name], segments)
-                record = {**_record(name, image, raw, segments, written), **meta}
-                try:
-                    stream.write(json.dumps(record, ensure_ascii=False) + "\n")
-                    stream.flush()
-                except OSError as e:
-                    if jsonl is None:
-                        raise  # stdout: the CLI reports it
-                    raise PaliGemmaError(f"cannot write '{jsonl}': {why(e)}; the {ok} record(s) before it "
-                                         "are kept (--resume continues)") from None
-                ok += 1
+        failed = each_batch_of_images(todo, batch_size, console, "segment", segment_batch)
     finally:
         if jsonl is not None:
             try:
