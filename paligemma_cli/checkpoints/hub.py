@@ -112,11 +112,7 @@ def download(
         PaliGemmaError: the repository is gated, missing, has no such revision, holds no
             Transformers-format checkpoint, or the Hub cannot be reached.
     """
-    token = token or os.environ.get("HF_TOKEN") or None
-    # huggingface_hub reads HF_ENDPOINT once, at import; reading it again honours a mirror set later.
-    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
-    if not timeout > 0:
-        raise PaliGemmaError(f"--timeout must be a positive number of seconds, got {timeout}")
+    token, endpoint = _token_and_endpoint(token, timeout)
     _check_local_dir(local_dir)
     try:
         with _requests_time_out(timeout):
@@ -183,11 +179,8 @@ def download_vae(repo: str = VAE_REPO, filename: str = VAE_FILE, revision: str |
         The local path of the file; `cached_vae` finds it again offline.
     """
     kind, repo_id = split_repo(repo)
+    token, endpoint = _token_and_endpoint(token, timeout)
     _check_local_dir(local_dir)
-    token = token or os.environ.get("HF_TOKEN") or None
-    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
-    if not timeout > 0:
-        raise PaliGemmaError(f"--timeout must be a positive number of seconds, got {timeout}")
     try:
         with _requests_time_out(timeout):
             _answers_within(hf_hub_url(repo_id, filename, repo_type=kind, revision=revision, endpoint=endpoint),
@@ -216,6 +209,14 @@ def download_vae(repo: str = VAE_REPO, filename: str = VAE_FILE, revision: str |
     except OSError as e:
         raise PaliGemmaError(f"downloading '{repo}/{filename}' failed: {_one_line(e)}") from None
     return Path(path)
+
+
+def _token_and_endpoint(token: str | None, timeout: float) -> tuple[str | None, str]:
+    """The token to send (the given one, else `HF_TOKEN`) and the Hub's address, once `timeout` is checked."""
+    if not timeout > 0:
+        raise PaliGemmaError(f"--timeout must be a positive number of seconds, got {timeout}")
+    # huggingface_hub reads HF_ENDPOINT once, at import; reading it again honours a mirror set later.
+    return token or os.environ.get("HF_TOKEN") or None, os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
 
 
 def _check_local_dir(local_dir: str | Path | None) -> None:
